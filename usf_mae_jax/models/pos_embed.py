@@ -1,0 +1,70 @@
+"""Fixed 2-D sin-cos position tables, as the reference MAE builds them.
+
+The tables are constants: they are computed in float64 NumPy, cast to float32 and added inside the forward
+pass, so they never enter the parameter tree, the optimizer or the weight decay. Only fine-tuning turns the
+encoder table into a learned parameter (initialised from this one), as the reference fine-tune code does.
+
+Reference behaviour reproduced (facebookresearch/mae `util/pos_embed.py`, described in
+`shared/reference/mae_fidelity.md`):
+  * the grid is `meshgrid(grid_w, grid_h)`, so channel block 0 embeds the column (x) coordinate and block 1
+    the row (y) coordinate;
+  * each 1-D half is `[sin(pos * w), cos(pos * w)]` with `w_k = 1 / 10000 ** (k / (D / 4))`;
+  * a zero row is prepended for the cls token.
+big_vision's `posemb_sincos_2d` uses another denominator and is *not* this table.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """Returns the (M, dim) float64 table `[sin(p * w), cos(p * w)]` for M positions."""
+    if dim % 2:
+        raise ValueError(f"the 1-D sin-cos embedding needs an even width, got {dim}")
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000.0**omega
+    angles = np.einsum("m,d->md", np.asarray(positions, np.float64).reshape(-1), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def sincos_2d(dim: int, grid_h: int, grid_w: int | None = None, cls_token: bool = True) -> np.ndarray:
+    """Returns the float32 table of shape (cls + grid_h * grid_w, dim), row-major patch order.
+
+    The result is cached and read-only, so calling it inside a traced function costs nothing after the first
+    call and embeds the table as a compile-time constant.
+    """
+    grid_w = grid_h if grid_w is None else grid_w
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float64), np.arange(grid_h, dtype=np.float64))
+    table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    if cls_token:
+        table = np.concatenate([np.zeros((1, dim)), table], axis=0)
+    table = table.astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+def resize_patch_table(table: np.ndarray, new_grid: tuple[int, int], num_prefix: int = 1) -> np.ndarray:
+    """Resizes a (prefix + h*w, D) position table to a new patch grid by bicubic interpolation.
+
+    Mirrors the reference fine-tune code (`interpolate_pos_embed`): the prefix rows (cls) are kept as they are
+    and the patch rows are reshaped to a square grid and resized bicubically. This lets a checkpoint trained
+    at 224 px fine-tune at 384 or 512 px.
+    """
+    import jax  # local import: this module is otherwise pure NumPy
+
+    table = np.asarray(table, np.float32)
+    prefix, patches = table[:num_prefix], table[num_prefix:]
+    side = int(round(np.sqrt(patches.shape[0])))
+    if side * side != patches.shape[0]:
+        raise ValueError(f"position table with {patches.shape[0]} patch rows is not a square grid")
+    if (side, side) == tuple(new_grid):
+        return table
+    grid = patches.reshape(side, side, -1)
+    resized = jax.image.resize(grid, (*new_grid, grid.shape[-1]), method="bicubic")
+    return np.concatenate([prefix, np.asarray(resized).reshape(-1, grid.shape[-1])], axis=0)
