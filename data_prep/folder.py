@@ -1,0 +1,111 @@
+"""`python -m data_prep folder`: any tree of still images -> one dataset folder of shards.
+
+The generic path to real data before (or besides) the dataset-specific converters: every file under `--src`
+that matches `--include` and none of `--exclude` is read with `formats.image2d.read_image` (16-bit, palette,
+RGBA, CMYK and RGB-stored grayscale are all normalised there) and written with `writer.write_dataset`.
+Nothing is dropped silently: unreadable files are listed in the manifest's `skipped` with the reason, and
+the files that the filters or the extension check left out are counted and listed in `not_converted`.
+
+Segmentation masks share folders with their images in most ultrasound datasets, and ingesting them as
+images would teach the MAE to reconstruct binary blobs, so names containing "mask" or ending in "_seg" are
+excluded by default (`--keep_masks` turns that off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+from pathlib import Path
+
+from data_prep import writer
+from data_prep.formats.image2d import IMAGE_EXTENSIONS, read_image
+
+MASK_PATTERNS = ("*mask*", "*_seg.*", "*_seg_*")
+CONVERTER_VERSION = "folder 1.0"
+
+
+def _matches(relative: str, patterns: list[str]) -> bool:
+    lowered = relative.lower()
+    return any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(lowered, p.lower()) for p in patterns)
+
+
+def find_inputs(src: str | os.PathLike, include: list[str] | None, exclude: list[str] | None,
+                keep_masks: bool = False) -> tuple[list[str], dict[str, list[str]]]:
+    """Relative POSIX paths of the files to convert (sorted), and the files left out grouped by why.
+
+    Without `include`, every file with an image extension is taken; with it, exactly the matching files
+    (fnmatch on the relative path; `*` also crosses folders).
+    """
+    root = Path(src)
+    if not root.is_dir():
+        raise ValueError(f"{src}: not a directory")
+    exclude = list(exclude or []) + ([] if keep_masks else list(MASK_PATTERNS))
+    selected, left_out = [], {"excluded": [], "not_an_image_extension": []}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in Path(relative).parts):
+            continue  # hidden files and folders (.DS_Store, .git) are not data
+        if (include and not _matches(relative, include)) or _matches(relative, exclude):
+            left_out["excluded"].append(relative)
+        elif not include and path.suffix.lower() not in IMAGE_EXTENSIONS:
+            left_out["not_an_image_extension"].append(relative)
+        else:
+            selected.append(relative)
+    return selected, left_out
+
+
+def load(task: tuple[str, str]):
+    """Task (absolute path, path relative to --src) -> one Example; read errors propagate as the reason."""
+    path, relative = task
+    yield writer.Example(image=read_image(path), source=relative)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", required=True, help="root of the image tree")
+    parser.add_argument("--out_dir", required=True, help="output root; the dataset goes to OUT_DIR/NAME")
+    parser.add_argument("--name", required=True, help="dataset name (folder name under --out_dir)")
+    parser.add_argument("--include", action="append", help="glob on the relative path; repeatable")
+    parser.add_argument("--exclude", action="append", help="glob on the relative path; repeatable")
+    parser.add_argument("--keep_masks", action="store_true", help="do not exclude *mask* / *_seg files")
+    parser.add_argument("--split", default="train", help="split written for every image (default train)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--records_per_shard", type=int, default=writer.DEFAULT_RECORDS_PER_SHARD)
+    parser.add_argument("--max_side", type=int, default=512, help="cap on the longest side, 0 = no cap")
+    parser.add_argument("--overwrite", action="store_true", help="redo a dataset that is already finished")
+    parser.add_argument("--no_progress", action="store_true")
+
+
+def _load_split(task: tuple[str, str, str]):
+    path, relative, split = task
+    for example in load((path, relative)):
+        example.split = split
+        yield example
+
+
+def run(args: argparse.Namespace) -> int:
+    selected, left_out = find_inputs(args.src, args.include, args.exclude, args.keep_masks)
+    root = os.path.abspath(args.src)
+    tasks = [(os.path.join(root, rel), rel, args.split) for rel in selected]
+    manifest = writer.write_dataset(
+        args.out_dir, args.name, tasks, _load_split, workers=args.workers,
+        records_per_shard=args.records_per_shard, overwrite=args.overwrite, max_side=args.max_side,
+        progress=not args.no_progress,
+        manifest_extra={"converter_version": CONVERTER_VERSION, "src": root, "include": args.include or [],
+                        "exclude": args.exclude or [], "masks_excluded": not args.keep_masks,
+                        "not_converted": left_out})
+    return report(manifest)
+
+
+def report(manifest: dict) -> int:
+    """Prints what was written and what was skipped, with reasons; returns 1 when nothing was written."""
+    print(f"{manifest['dataset']}: {manifest['total']} records {manifest['counts']} "
+          f"from {manifest['inputs']} inputs; channels {manifest['channels']}")
+    for entry in manifest["skipped"]:
+        print(f"  skipped {entry['input']}: {entry['reason']}")
+    for entry in manifest.get("dropped", []):
+        print(f"  dropped {entry['source']}: {entry['reason']}")
+    for why, files in manifest.get("not_converted", {}).items():
+        if files:
+            print(f"  not converted ({why}): {len(files)} files, e.g. {files[:3]}")
+    return 0 if manifest["total"] > 0 else 1

@@ -1,0 +1,330 @@
+"""Parallel ArrayRecord shard writer: converter tasks -> `OUT/<name>/<split>-NNNNN-of-NNNNN.array_record`.
+
+Every converter (the generic `folder` and `synthetic` ones, the OpenUS-46 and benchmark builders) describes a
+dataset as a list of picklable *tasks* (usually one raw file each) and a top-level `load(task)` that yields
+`Example`s. `write_dataset` does the rest, the same way for all of them:
+
+* runs `load` over the tasks in worker processes (a tqdm bar shows progress), validates each image, caps its
+  longest side at `max_side` and encodes it with `usf_mae_jax.data.records.encode` inside the worker, where
+  the PNG compression runs in parallel;
+* collects the results in task order in the main process, so the shards are identical for any number of
+  workers, and applies the optional `dedup(example)` there (it sees every example, across workers);
+* records every input it could not use with the reason: `SkipFile` from a loader, any other exception (a
+  converter bug or a corrupt file never crashes a multi-hour run), an invalid image or a dedup drop;
+* writes each shard under a hidden temporary name and renames it to its final name only once it is complete
+  and closed, then writes `manifest.json` (also through a temporary name). A dataset folder is finished iff
+  its manifest exists, and the manifest lists the shards: an interrupted run leaves only `*.tmp` files, which
+  the next run deletes before starting again.
+
+Running again over a finished dataset does nothing and returns the existing manifest, unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
+
+from usf_mae_jax.data import records
+
+WRITER_VERSION = "1.0"
+MANIFEST_NAME = "manifest.json"
+SHARD_SUFFIX = ".array_record"
+DEFAULT_RECORDS_PER_SHARD = 1024
+# group_size:1 makes every record independently addressable (random access for the shuffled reader);
+# PNG payloads are already deflate-compressed, so a second zstd pass would cost CPU on every read for nothing.
+ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
+_SPLIT_PATTERN = re.compile(r"^[a-z0-9_]+$")
+_SHARD_PATTERN = re.compile(r"^[a-z0-9_]+-\d{5}-of-\d{5}" + re.escape(SHARD_SUFFIX) + "$")
+_RESERVED_KEYS = frozenset({"dataset", "created", "writer_version", "record_format_version", "counts",
+                            "total", "channels", "labels", "shards", "records_per_shard", "max_side",
+                            "inputs", "skipped", "dropped", "source_hashes", "content_sha256"})
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Example:
+    """One 2-D frame produced by a converter's `load(task)`."""
+
+    image: np.ndarray  # uint8, (H, W) / (H, W, 1) grayscale or (H, W, 3) colour
+    source: str  # path relative to the raw dataset root
+    subject: str = ""
+    frame: int = -1
+    label: int = -1
+    split: str = "train"
+
+
+class SkipFile(Exception):
+    """Raised by a loader to skip one input; the message is recorded in the manifest as the reason."""
+
+
+@dataclasses.dataclass
+class _Encoded:
+    example: Example  # image dropped (None) unless the main process needs it for dedup
+    record: bytes
+    channels: int
+
+
+@dataclasses.dataclass
+class _TaskResult:
+    encoded: list[_Encoded]
+    skipped: list[dict[str, str]]  # whole task or single examples that could not be used
+    file_hash: str | None
+
+
+def _task_path(task: Any) -> str | None:
+    """The raw file behind a task, when the task is a path or a tuple/list starting with one."""
+    candidate = task[0] if isinstance(task, (tuple, list)) and task else task
+    if isinstance(candidate, (str, os.PathLike)) and os.path.isfile(candidate):
+        return os.fspath(candidate)
+    return None
+
+
+def _describe(task: Any) -> str:
+    text = _task_path(task) or str(task)
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cap_longest_side(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscales (area interpolation, aspect kept) so that max(H, W) <= max_side; 0 disables the cap."""
+    height, width = image.shape[:2]
+    if max_side <= 0 or max(height, width) <= max_side:
+        return image
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return resized.reshape(size[1], size[0], *image.shape[2:])
+
+
+def _validate(example: Any) -> Example:
+    if not isinstance(example, Example):
+        raise ValueError(f"loader yielded {type(example).__name__}, not an Example")
+    if not _SPLIT_PATTERN.match(str(example.split)):
+        raise ValueError(f"split {example.split!r} is not a lowercase name like 'train'")
+    if not isinstance(example.frame, (int, np.integer)) or not isinstance(example.label, (int, np.integer)):
+        raise ValueError(f"frame and label must be integers, got {example.frame!r} and {example.label!r}")
+    return example
+
+
+def _process_task(job: tuple[Any, Callable, str, int, bool]) -> _TaskResult:
+    """Worker side: load one task, validate, cap and encode its examples. Never raises for a bad input."""
+    task, load, dataset, max_side, keep_images = job
+    path = _task_path(task)
+    try:
+        examples = list(load(task))
+    except SkipFile as e:
+        reason = str(e) or "skipped by the loader"
+        return _TaskResult([], [{"input": _describe(task), "reason": reason}], None)
+    except Exception as e:  # a bad input or a converter bug: record it, keep converting the rest
+        reason = f"{type(e).__name__}: {e}"
+        return _TaskResult([], [{"input": _describe(task), "reason": reason}], None)
+    encoded, skipped = [], []
+    for example in examples:
+        try:
+            example = _validate(example)
+            image = cap_longest_side(records.as_hwc(example.image), max_side)
+            record = records.encode(image, dataset=dataset, source=example.source, subject=example.subject,
+                                    frame=int(example.frame), label=int(example.label))
+        except ValueError as e:
+            where = f"{getattr(example, 'source', '?')}#{getattr(example, 'frame', '?')}"
+            skipped.append({"input": _describe(task), "example": where, "reason": str(e)})
+            continue
+        kept = dataclasses.replace(example, image=image if keep_images else None,
+                                   frame=int(example.frame), label=int(example.label))
+        encoded.append(_Encoded(kept, record, image.shape[2]))
+    file_hash = None
+    if path is not None and encoded:
+        try:
+            file_hash = _file_sha256(path)
+        except OSError as e:
+            skipped.append({"input": _describe(task), "reason": f"could not hash the file: {e}"})
+    return _TaskResult(encoded, skipped, file_hash)
+
+
+class _ShardSequence:
+    """The shards of one split: filled in order, each written under a temporary name until finalised."""
+
+    def __init__(self, folder: Path, split: str, records_per_shard: int):
+        self.folder, self.split, self.records_per_shard = folder, split, records_per_shard
+        self.completed: list[Path] = []
+        self._writer: ArrayRecordWriter | None = None
+        self._in_shard = 0
+        self.count = 0
+
+    def _temp_path(self, index: int) -> Path:
+        return self.folder / f".{self.split}-{index:05d}{SHARD_SUFFIX}.tmp"
+
+    def write(self, record: bytes) -> None:
+        if self._writer is None:
+            self._writer = ArrayRecordWriter(str(self._temp_path(len(self.completed))), ARRAY_RECORD_OPTIONS)
+        self._writer.write(record)
+        self._in_shard += 1
+        self.count += 1
+        if self._in_shard == self.records_per_shard:
+            self._close_current()
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self.completed.append(self._temp_path(len(self.completed)))
+            self._writer, self._in_shard = None, 0
+
+    def finalize(self) -> list[str]:
+        """Closes the open shard and renames every complete temporary shard to its final name (atomic)."""
+        self._close_current()
+        names = []
+        for index, temp in enumerate(self.completed):
+            name = f"{self.split}-{index:05d}-of-{len(self.completed):05d}{SHARD_SUFFIX}"
+            os.replace(temp, self.folder / name)
+            names.append(name)
+        return names
+
+
+def _clear_outputs(folder: Path) -> None:
+    """Removes the manifest first (so the folder reads as unfinished), then shards and leftover temp files."""
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    for entry in folder.iterdir():
+        if _SHARD_PATTERN.match(entry.name) or entry.name.endswith(".tmp"):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+    os.replace(temp, path)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    """The manifest of a finished dataset folder, or None when the folder is absent or unfinished."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _results(jobs: list, workers: int) -> Iterable[_TaskResult]:
+    if workers <= 1:
+        yield from map(_process_task, jobs)
+        return
+    # spawn, not fork: a converter may run inside a process that already started threads (JAX, tqdm, ...).
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_process_task, jobs, chunksize=1)
+
+
+def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
+                  load: Callable[[Any], Iterable], *, workers: int = 1,
+                  records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, overwrite: bool = False,
+                  max_side: int = 512, dedup: Callable[[Example], str | None] | None = None,
+                  manifest_extra: dict[str, Any] | None = None, progress: bool = True) -> dict:
+    """Converts `tasks` with `load` into the dataset folder `out_dir/name`; returns its manifest.
+
+    `load(task)` must be a picklable top-level callable yielding `Example`s; it may raise `SkipFile(reason)`
+    (or anything else) to skip the task, which is then listed in the manifest's `skipped` with the reason.
+    `dedup(example)`, if given, runs in the main process in task order and returns a reason to drop the
+    example or None. `manifest_extra` is merged into the manifest (e.g. the licence, or `converter_version`).
+    """
+    if not re.match(r"^[A-Za-z0-9_.\-]+$", name):
+        raise ValueError(f"dataset name {name!r} must be a plain folder name (letters, digits, _ . -)")
+    if records_per_shard <= 0:
+        raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
+    extra = dict(manifest_extra or {})
+    clashes = sorted(_RESERVED_KEYS & extra.keys())
+    if clashes:
+        raise ValueError(f"manifest_extra may not set the writer's own keys {clashes}")
+    folder = Path(out_dir) / name
+    existing = read_manifest(folder)
+    if existing is not None and not overwrite:
+        log.info("%s is already converted (%s); pass overwrite to redo it", name, folder / MANIFEST_NAME)
+        return existing
+    folder.mkdir(parents=True, exist_ok=True)
+    _clear_outputs(folder)
+
+    tasks = list(tasks)
+    jobs = [(task, load, name, max_side, dedup is not None) for task in tasks]
+    splits: dict[str, _ShardSequence] = {}
+    skipped: list[dict[str, str]] = []
+    dropped: list[dict[str, Any]] = []
+    channels: Counter = Counter()
+    labels: dict[str, Counter] = defaultdict(Counter)
+    source_hashes: dict[str, str] = {}
+    content = hashlib.sha256()
+    bar = tqdm(total=len(tasks), desc=f"{name}", unit="input", disable=not progress)
+    try:
+        for result in _results(jobs, workers):
+            bar.update(1)
+            skipped.extend(result.skipped)
+            for item in result.encoded:
+                example = item.example
+                reason = dedup(example) if dedup is not None else None
+                if reason:
+                    dropped.append({"source": example.source, "frame": example.frame, "reason": str(reason)})
+                    continue
+                if example.split not in splits:
+                    splits[example.split] = _ShardSequence(folder, example.split, records_per_shard)
+                splits[example.split].write(item.record)
+                content.update(item.record)
+                channels[str(item.channels)] += 1
+                labels[example.split][str(example.label)] += 1
+                if result.file_hash is not None:
+                    source_hashes[example.source] = f"file:sha256:{result.file_hash}"
+                else:
+                    previous = source_hashes.get(example.source, "")
+                    digest = hashlib.sha256((previous + hashlib.sha256(item.record).hexdigest()).encode())
+                    source_hashes[example.source] = f"records:sha256:{digest.hexdigest()}"
+        shards = {split: sequence.finalize() for split, sequence in sorted(splits.items())}
+    finally:
+        bar.close()
+
+    counts = {split: sequence.count for split, sequence in sorted(splits.items())}
+    manifest = {
+        "dataset": name,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "converter_version": extra.pop("converter_version", f"data_prep.writer {WRITER_VERSION}"),
+        "writer_version": WRITER_VERSION,
+        "record_format_version": records.FORMAT_VERSION,
+        "counts": counts,
+        "total": sum(counts.values()),
+        "channels": dict(sorted(channels.items())),
+        "labels": {split: dict(sorted(c.items(), key=lambda kv: int(kv[0])))
+                   for split, c in sorted(labels.items())},
+        "shards": shards,
+        "records_per_shard": records_per_shard,
+        "max_side": max_side,
+        "inputs": len(tasks),
+        "skipped": skipped,
+        "dropped": dropped,
+        "source_hashes": dict(sorted(source_hashes.items())),
+        "content_sha256": content.hexdigest(),
+        **extra,
+    }
+    _write_json_atomic(folder / MANIFEST_NAME, manifest)
+    log.info("%s: %d records in %s, %d inputs skipped, %d examples dropped", name, manifest["total"],
+             counts, len(skipped), len(dropped))
+    return manifest
