@@ -1,0 +1,128 @@
+"""`python -m data_prep openus46`: list the 46 datasets, or convert some or all of them to shards.
+
+    python -m data_prep openus46 --list --raw_dir RAW
+    python -m data_prep openus46 --raw_dir RAW --out_dir OUT [--datasets a,b|all] [--workers N]
+
+Each dataset is read from `RAW/<key>/` and written to `OUT/<key>/`. Finished datasets are skipped, so an
+interrupted run resumes where it stopped. The run ends with a summary table (images written, frames sampled,
+files skipped by reason, duplicates removed) printed as markdown and saved as `OUT/openus46_summary.md` and
+`OUT/openus46_summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from data_prep.clean import CleanOptions
+from data_prep.dedup import (BENCHMARK_HOLDOUTS, DEFAULT_PHASH_THRESHOLD, Deduplicator, conversion_order,
+                             load_hash_list)
+from data_prep.openus46.convert import ConvertOptions, convert_dataset
+from data_prep.openus46.registry import REGISTRY, parse_datasets
+from data_prep.openus46.spec import FAMILIES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--list", action="store_true", help="print the dataset table and exit")
+    parser.add_argument("--raw_dir", help="root holding one extracted folder per dataset key, RAW/<key>/")
+    parser.add_argument("--out_dir", help="output root; each dataset goes to OUT/<key>/")
+    parser.add_argument("--datasets", default="all", help="'all' or comma-separated keys (see --list)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes for reading and encoding")
+    parser.add_argument("--overwrite", action="store_true", help="convert finished datasets again")
+    parser.add_argument("--max_side", type=int, default=512, help="cap on the longest image side (0: none)")
+    parser.add_argument("--max_frames", type=int, default=None,
+                        help="override every dataset's per-video / per-volume frame cap")
+    parser.add_argument("--include_optional", action="store_true",
+                        help="also convert optional inputs (Cactus and LUSS videos, which overlap the stills)")
+    parser.add_argument("--include_holdouts", action="store_true",
+                        help=f"also convert the downstream benchmarks ({', '.join(BENCHMARK_HOLDOUTS)})")
+    parser.add_argument("--holdout_hashes", action="append", default=[], metavar="PATH",
+                        help="hash list (JSON) or image folder of a benchmark test split; matching images are "
+                             "dropped (repeatable)")
+    parser.add_argument("--no_unpack", action="store_true", help="do not extract nested zip archives")
+    cleaning = parser.add_argument_group("cleaning (data_prep/clean.py)")
+    cleaning.add_argument("--no_grayscale", action="store_true",
+                          help="keep RGB images whose three channels are equal as RGB")
+    cleaning.add_argument("--crop", action="store_true", help="crop to the scan region")
+    cleaning.add_argument("--inpaint", action="store_true",
+                          help="remove burnt-in annotations by inpainting (the authors' recipe, no OCR)")
+    dedup = parser.add_argument_group("de-duplication (data_prep/dedup.py)")
+    dedup.add_argument("--dedup", choices=("phash", "exact", "none"), default="phash",
+                       help="phash: exact + perceptual near-duplicates; exact: content hash only")
+    dedup.add_argument("--phash_threshold", type=int, default=DEFAULT_PHASH_THRESHOLD,
+                       help="max Hamming distance (of 64 bits) for a near-duplicate")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def list_table(raw_dir: str | None) -> str:
+    """The markdown table of --list: key, name, anatomy, format, licence and whether RAW/<key>/ exists."""
+    lines = ["| key | dataset | anatomy | format | family | licence | raw folder |",
+             "|---|---|---|---|---|---|---|"]
+    for key, spec in REGISTRY.items():
+        found = "-" if raw_dir is None else ("found" if os.path.isdir(os.path.join(raw_dir, key)) else "missing")
+        name = spec.name + (" (held out)" if spec.holdout else "")
+        lines.append(f"| {key} | {name} | {spec.anatomy} | {spec.format} | {spec.family} | {spec.licence} "
+                     f"| {found} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """One line per dataset: status, images written, frames sampled, files skipped by reason, duplicates."""
+    lines = ["| key | status | images | frames sampled | inputs | excluded | skipped (by reason) "
+             "| duplicates removed | held-out matches | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        skipped = "; ".join(f"{count}x {reason}" for reason, count in row["skipped"].items()) or "0"
+        lines.append(f"| {row['key']} | {row['status']} | {row['images']} | {row['frames_sampled']} "
+                     f"| {row['inputs']} | {row['excluded']} | {skipped} | {row['duplicates_removed']} "
+                     f"| {row['held_out_matches']} | {row['message']} |")
+    total = sum(row["images"] for row in rows)
+    lines.append(f"| **total** | | {total} | {sum(r['frames_sampled'] for r in rows)} | | | "
+                 f"| {sum(r['duplicates_removed'] for r in rows)} | {sum(r['held_out_matches'] for r in rows)} | |")
+    return "\n".join(lines)
+
+
+def _options(args: argparse.Namespace) -> ConvertOptions:
+    clean = CleanOptions(grayscale=not args.no_grayscale, crop=args.crop, inpaint=args.inpaint)
+    return ConvertOptions(raw_dir=args.raw_dir, out_dir=args.out_dir, workers=max(1, args.workers),
+                          overwrite=args.overwrite, max_side=args.max_side, clean=clean,
+                          include_optional=args.include_optional, include_holdouts=args.include_holdouts,
+                          unpack=not args.no_unpack, max_frames=args.max_frames,
+                          progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        print(list_table(args.raw_dir))
+        print("\nformat families: " + "; ".join(f"{k} = {v}" for k, v in FAMILIES.items()))
+        return 0
+    if not args.raw_dir or not args.out_dir:
+        print("openus46: --raw_dir and --out_dir are required to convert (or pass --list)", file=sys.stderr)
+        return 2
+    try:
+        keys = parse_datasets(args.datasets)
+        holdouts = [load_hash_list(path) for path in args.holdout_hashes]
+    except ValueError as err:
+        print(f"openus46: {err}", file=sys.stderr)
+        return 2
+    dedup = None
+    if args.dedup != "none" or holdouts:
+        threshold = args.phash_threshold if args.dedup == "phash" else None
+        dedup = Deduplicator(phash_threshold=threshold, exact=args.dedup != "none", holdouts=holdouts)
+    options = _options(args)
+    rows = []
+    for key in conversion_order(keys):
+        row = convert_dataset(REGISTRY[key], options, dedup)
+        if row["status"] == "missing":
+            print(f"openus46: {key}: RAW/{key}/ not found; {row['message']}", file=sys.stderr)
+        rows.append(row)
+    markdown = summary_markdown(rows)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "openus46_summary.md"), "w") as handle:
+        handle.write(markdown + "\n")
+    with open(os.path.join(args.out_dir, "openus46_summary.json"), "w") as handle:
+        json.dump({"datasets": rows, "total_images": sum(r["images"] for r in rows)}, handle, indent=2)
+    print(markdown)
+    failed = [row["key"] for row in rows if row["status"] == "no inputs"]
+    return 1 if failed else 0
