@@ -17,8 +17,7 @@ import os
 import sys
 
 from data_prep.clean import CleanOptions
-from data_prep.dedup import (BENCHMARK_HOLDOUTS, DEFAULT_PHASH_THRESHOLD, Deduplicator, conversion_order,
-                             load_hash_list)
+from data_prep.dedup import BENCHMARK_HOLDOUTS, DEFAULT_PHASH_THRESHOLD, Deduplicator, conversion_order, load_hash_list
 from data_prep.openus46.convert import ConvertOptions, convert_dataset
 from data_prep.openus46.registry import REGISTRY, parse_datasets
 from data_prep.openus46.spec import FAMILIES
