@@ -15,6 +15,9 @@ import numpy as np
 
 from data_prep.formats.sampling import FrameSampling, select_indices
 
+# A file decoding fewer than this share of the frames its header announces is reported as truncated; headers
+# of intact files can be off by a frame or two (edit lists, B-frame delay), hence not an exact comparison.
+TRUNCATION_RATIO = 0.9
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mpeg", ".mpg", ".m4v", ".gif", ".webm", ".mkv", ".ogv", ".wmv")
 
 
@@ -78,19 +81,24 @@ def video_frames(path: str, sampling: FrameSampling) -> list[tuple[int, np.ndarr
 
     Two decoding passes keep memory bounded for long videos: the first counts the frames and flags empty
     candidates, the second converts only the kept frames. Raises ValueError naming the file when it cannot
-    be opened, holds no decodable frame, or breaks part-way (a truncated file never passes silently).
+    be opened, holds no decodable frame, breaks part-way, or decodes far fewer frames than its header
+    announces (a truncated file never passes silently).
     """
     import av
 
     container = _open(path)
     try:
         fps = _frame_rate(container.streams.video[0])
+        announced = container.streams.video[0].frames
     finally:
         container.close()
     stride = sampling.stride_for(fps)
     n_frames, flags = _scan(path, stride, sampling.empty_fraction)
     if n_frames == 0:
         raise ValueError(f"{path}: video holds no decodable frame")
+    if announced and n_frames < TRUNCATION_RATIO * announced:
+        raise ValueError(f"{path}: video is truncated: the header announces {announced} frames but only "
+                         f"{n_frames} decode")
     non_empty = np.array([flags.get(i, True) for i in range(n_frames)])
     wanted = select_indices(n_frames, sampling, fps=fps, non_empty=non_empty)
     if not wanted:

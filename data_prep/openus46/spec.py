@@ -22,14 +22,14 @@ import os
 import re
 from functools import lru_cache
 
+from data_prep.formats.dicom import DICOM_EXTENSIONS
+from data_prep.formats.hdf5 import HDF5_EXTENSIONS
 from data_prep.formats.sampling import FrameSampling
+from data_prep.formats.video import VIDEO_EXTENSIONS
+from data_prep.formats.volumes import METAIMAGE_EXTENSIONS, NIFTI_EXTENSIONS
 
+# Still images read with formats.image2d. GIF is absent on purpose: POCUS ships GIF clips, read as video.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-METAIMAGE_EXTENSIONS = (".mha", ".mhd")
-NIFTI_EXTENSIONS = (".nii", ".nii.gz")
-VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mpeg", ".mpg", ".m4v", ".gif", ".webm")
-HDF5_EXTENSIONS = (".h5", ".hdf5")
-DICOM_EXTENSIONS = (".dcm",)
 INPUT_EXTENSIONS = (IMAGE_EXTENSIONS + METAIMAGE_EXTENSIONS + NIFTI_EXTENSIONS + VIDEO_EXTENSIONS
                     + HDF5_EXTENSIONS + DICOM_EXTENSIONS)
 

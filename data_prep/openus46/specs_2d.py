@@ -7,6 +7,7 @@ with `**/` where the user may have extracted the archive with or without its top
 
 from __future__ import annotations
 
+from data_prep.formats.sampling import FrameSampling
 from data_prep.openus46.spec import DatasetSpec
 
 IMG = "{png,jpg,jpeg,bmp,tif,tiff}"
@@ -58,7 +59,7 @@ SPECS_2D = (
         "cactus", "Cactus (CACTUS)", "heart (phantom)", "F3", "JPG (+ optional MP4)", "CC BY 4.0",
         "doi.org/10.20383/103.01484", include=("**/Images Dataset/*/*.{jpg,jpeg}",),
         optional_include=("**/Videos/**/*.mp4",), exclude_dirs=("Grades",),
-        subject=r"Videos/.*?(?P<subject>[^/]+)\.mp4$"),
+        subject=r"Videos/.*?(?P<subject>[^/]+)\.mp4$", sampling=FrameSampling(rate_hz=1, max_frames=30)),
     DatasetSpec(
         "ccaui", "CCAUI (Common Carotid Artery Ultrasound Images)", "common carotid artery", "F1", "PNG",
         "CC BY 4.0", "data.mendeley.com/datasets/d4xt63mgjm", include=("**/US images/*.png",),
@@ -121,7 +122,7 @@ SPECS_2D = (
         "luss_phantom", "LUSS_phantom", "lung phantom", "F1", "PNG (+ optional WebM)", "CC BY 4.0",
         "doi.org/10.5518/1485", include=("**/data-3/{train,test}/images/*.png",),
         optional_include=("**/VideoClips/*.webm",), exclude_dirs=("masks",),
-        subject=r"VideoClips/(?P<subject>[^/]+)\.webm$"),
+        subject=r"VideoClips/(?P<subject>[^/]+)\.webm$", sampling=FrameSampling(rate_hz=2, max_frames=10)),
     DatasetSpec(
         "mmotu_2d", "MMOTU-2D (OTU_2d)", "ovarian tumour", "F1", "JPG", "not stated (code Apache-2.0)",
         "github.com/cv516Buaa/MMOTU_DS2Net", include=("**/OTU_2d/images/*.{jpg,jpeg}",),
