@@ -1,0 +1,190 @@
+"""The TFDS builder shared by the benchmarks, and `prepare`, which converts one raw folder.
+
+Each benchmark subclasses `BenchmarkBuilder` with its name, licence, citation, manual-download instructions
+and a `parse(raw_dir)` that returns a `common.Plan`. The builder writes the plan's disjoint *parts* (e.g. the
+five BUS-BRA test folds) as TFDS splits in `file_format='array_record'`, so every image is stored once. The
+official splits (per fold: train, validation, test), which overlap across folds, are written next to the
+shards as id lists in `splits.json`; `reader.load_split` assembles them. tensorflow is not needed:
+`download_and_prepare` runs from Python (`shared/reference/jax_stack.md`, section 2c), and images are handed
+to TFDS as PNG bytes that we encode with OpenCV (TFDS encodes arrays with tensorflow).
+
+Output, for `out_dir`:
+
+    out_dir/<name>[/<config>]/<version>/
+        dataset_info.json, features.json, <name>-<part>.array_record-*   (TFDS)
+        splits.json     class names, default fold, per fold {train, validation, test[, train_full]} ids, and
+                        per part the ids and labels in storage order
+        manifest.json   counts per split, skipped files with reasons, warnings, source hashes, licence,
+                        converter version, options
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from typing import ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_prep.benchmarks import common
+
+CONVERTER_VERSION = "1.0.0"
+DEFAULT_MAX_SIDE = 512  # DESIGN.md, "Shards": converters cap the longest side so decoding stays cheap
+
+log = logging.getLogger(__name__)
+
+
+class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
+    """Base of the benchmark builders. Subclasses set the class attributes and implement `parse`."""
+
+    VERSION = tfds.core.Version(CONVERTER_VERSION)
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        CONVERTER_VERSION: "Records with the design's field names; official splits in splits.json."}
+    LICENSE = ""
+    CITATION = ""
+    HOMEPAGE = ""
+    DESCRIPTION = ""
+    CHANNELS = 1
+    CLASS_NAMES: tuple[str, ...] = ()
+
+    def __init__(self, *, raw_dir: str | None = None, max_side: int | None = DEFAULT_MAX_SIDE, **kwargs):
+        self.raw_dir = raw_dir
+        self.max_side = max_side
+        self._plan: common.Plan | None = None
+        self.failed: list[dict[str, str]] = []
+        super().__init__(**kwargs)
+
+    @abc.abstractmethod
+    def parse(self, raw_dir: str) -> common.Plan:
+        """Reads the raw folder's label and split files into a plan."""
+
+    @property
+    def plan(self) -> common.Plan:
+        if self._plan is None:
+            if not self.raw_dir:
+                raise ValueError(f"{self.name}: converting needs raw_dir, the manually downloaded folder")
+            self._plan = self.parse(self.raw_dir)
+        return self._plan
+
+    def class_names(self) -> list[str]:
+        return list(self.CLASS_NAMES)
+
+    def channels(self) -> int:
+        return self.CHANNELS
+
+    def dataset_name(self) -> str:
+        """The records' `dataset` field: the builder name, with its config for variants (gist514/roi)."""
+        return f"{self.name}/{self.builder_config.name}" if self.builder_config else self.name
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, self.channels()), encoding_format="png"),
+            "height": tfds.features.Scalar(np.int32),
+            "width": tfds.features.Scalar(np.int32),
+            "dataset": tfds.features.Text(),
+            "source": tfds.features.Text(),
+            "subject": tfds.features.Text(),
+            "frame": tfds.features.Scalar(np.int32),
+            "label": tfds.features.ClassLabel(names=self.class_names()),
+        })
+        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=features,
+                                     supervised_keys=("image", "label"), homepage=self.HOMEPAGE or None,
+                                     citation=self.CITATION, license=self.LICENSE)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # the raw folder comes from raw_dir: the data needs a manual, licensed download
+        plan = self.plan
+        return {part: self._generate_examples([it for it in plan.items if it.part == part])
+                for part in plan.parts()}
+
+    def _generate_examples(self, items):
+        dataset = self.dataset_name()
+        for item in items:
+            try:
+                image = common.read_image(item.path, self.channels(), self.max_side)
+            except ValueError as err:
+                # Decoding runs in the writer; the failure is recorded here and reported in the manifest.
+                self.failed.append({"file": item.source, "reason": str(err)})
+                continue
+            yield item.source, {"image": io.BytesIO(common.encode_png(image)), "height": image.shape[0],
+                                "width": image.shape[1], "dataset": dataset, "source": item.source,
+                                "subject": item.subject, "frame": -1, "label": item.label}
+
+
+def _part_index(version_dir: str, parts: list[str]) -> dict[str, dict[str, list]]:
+    """Reads back every part and lists its ids and labels in storage order (TFDS reorders examples)."""
+    reader = tfds.builder_from_directory(version_dir)
+    index = {}
+    for part in parts:
+        source = reader.as_data_source(split=part)
+        ids, labels = [], []
+        for i in range(len(source)):
+            example = source[i]
+            ids.append(example["source"].decode() if isinstance(example["source"], bytes) else example["source"])
+            labels.append(int(example["label"]))
+        index[part] = {"ids": ids, "labels": labels}
+    return index
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def prepare(builder: BenchmarkBuilder, overwrite: bool = False) -> dict:
+    """Converts the builder's raw folder, writes splits.json and manifest.json, and returns the manifest.
+
+    Idempotent: a finished conversion (its manifest exists) is returned as it is unless `overwrite`.
+    """
+    version_dir = builder.data_dir
+    manifest_path = os.path.join(version_dir, "manifest.json")
+    if os.path.exists(manifest_path) and not overwrite:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        manifest["status"] = "already converted (pass overwrite to redo)"
+        return manifest
+    if os.path.exists(version_dir):
+        shutil.rmtree(version_dir)
+    plan = builder.plan  # parse first: a bad layout fails before anything is written
+    start = time.time()
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=plan.root))
+    index = _part_index(version_dir, plan.parts())
+    failed = {f["file"] for f in builder.failed}
+    folds = {fold: {name: [i for i in ids if i not in failed] for name, ids in splits.items()}
+             for fold, splits in plan.folds.items()}
+    _write_json(os.path.join(version_dir, "splits.json"), {
+        "benchmark": builder.name, "config": builder.builder_config.name if builder.builder_config else None,
+        "class_names": builder.class_names(), "default_fold": plan.default_fold, "folds": folds, "parts": index})
+    manifest = {
+        "dataset": builder.name,
+        "config": builder.builder_config.name if builder.builder_config else None,
+        "converter_version": CONVERTER_VERSION,
+        "raw_root": os.path.abspath(plan.root),
+        "licence": builder.LICENSE,
+        "options": {"max_side": builder.max_side, "channels": builder.channels()},
+        "class_names": builder.class_names(),
+        "records": sum(len(p["ids"]) for p in index.values()),
+        "counts": {
+            "parts": {part: len(p["ids"]) for part, p in index.items()},
+            "splits": {fold: {name: len(ids) for name, ids in splits.items()} for fold, splits in folds.items()},
+            "labels": {name: int(sum(np.sum(np.asarray(p["labels"]) == c) for p in index.values()))
+                       for c, name in enumerate(builder.class_names())},
+        },
+        "skipped": plan.skipped + builder.failed,
+        "warnings": plan.warnings,
+        "source_hashes": {rel: common.file_sha256(os.path.join(plan.root, rel)) for rel in plan.metadata_files},
+        "seconds": round(time.time() - start, 2),
+        "status": "converted",
+    }
+    _write_json(manifest_path, manifest)
+    for warning in plan.warnings:
+        log.warning("%s: %s", builder.name, warning)
+    return manifest

@@ -1,0 +1,92 @@
+"""Command-line front end of the benchmark converters, wired into `python -m data_prep`.
+
+    python -m data_prep busbra|mmotu|gist514 --raw_dir DIR --out_dir OUT [--max_side 512] [--overwrite]
+    python -m data_prep gist514 ... [--variant roi|raw|both]
+    python -m data_prep labelled --src DIR_or_CSV --out_dir OUT [--name NAME] [--val_fraction 0.1]
+                                 [--test_fraction 0.2] [--seed 0]
+
+The dispatcher calls `add_arguments(subparser, benchmark)` once per sub-command and `run(args, benchmark)`
+with the parsed arguments; `run` returns the process exit status (0 done, 2 bad layout or input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep.benchmarks import builder, common
+from data_prep.benchmarks.convert import BENCHMARKS, convert
+
+
+def add_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+    if benchmark == "labelled":
+        parser.add_argument("--src", required=True, help="folder with one sub-folder per class, or a CSV "
+                            "with a header path,label[,subject,split]")
+        parser.add_argument("--name", default=None, help="dataset name in the records (default: --src's name)")
+        parser.add_argument("--val_fraction", type=float, default=0.1,
+                            help="validation fraction of subjects per class when there is no split column")
+        parser.add_argument("--test_fraction", type=float, default=0.2,
+                            help="test fraction of subjects per class when there is no split column")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the subject-level split")
+    else:
+        parser.add_argument("--raw_dir", required=True,
+                            help="the manually downloaded, extracted dataset folder, or its parent")
+    if benchmark == "gist514":
+        parser.add_argument("--variant", choices=["roi", "raw", "both"], default="both",
+                            help="roi: lesion crops (the usual variant); raw: full frames; both (default): "
+                                 "every variant found under --raw_dir")
+    parser.add_argument("--out_dir", required=True, help="output root; TFDS writes <name>/[<config>/]<version>/")
+    parser.add_argument("--max_side", type=int, default=builder.DEFAULT_MAX_SIDE,
+                        help="cap on the longest image side in pixels (0: keep the original size)")
+    parser.add_argument("--overwrite", action="store_true", help="redo a finished conversion")
+
+
+def _summary(manifest: dict) -> str:
+    lines = [f"{manifest['dataset']}{'/' + manifest['config'] if manifest.get('config') else ''}: "
+             f"{manifest['status']}, {manifest['records']} records, classes {manifest['class_names']}"]
+    for fold, splits in manifest["counts"]["splits"].items():
+        lines.append(f"  fold {fold}: " + ", ".join(f"{name} {n}" for name, n in splits.items()))
+    lines.append(f"  skipped {len(manifest['skipped'])} files, {len(manifest['warnings'])} warnings "
+                 f"(all listed in manifest.json)")
+    lines += [f"  warning: {w}" for w in manifest["warnings"][:20]]
+    if len(manifest["warnings"]) > 20:
+        lines.append(f"  ... {len(manifest['warnings']) - 20} more warnings in manifest.json")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, benchmark: str) -> int:
+    options = {}
+    if benchmark == "labelled":
+        raw_dir = args.src
+        options = dict(dataset=args.name, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                       seed=args.seed)
+    else:
+        raw_dir = args.raw_dir
+    try:
+        result = convert(benchmark, raw_dir, args.out_dir, variant=getattr(args, "variant", None),
+                         max_side=args.max_side or None, overwrite=args.overwrite, **options)
+    except (common.LayoutError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    manifests = result.values() if benchmark == "gist514" and args.variant == "both" else [result]
+    for manifest in manifests:
+        print(_summary(manifest))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point, for use before the dispatcher is wired: `python -m data_prep.benchmarks.cli`."""
+    parser = argparse.ArgumentParser(prog="python -m data_prep.benchmarks.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="benchmark", required=True)
+    for name in BENCHMARKS:
+        add_arguments(commands.add_parser(name), name)
+    args = parser.parse_args(argv)
+    return run(args, args.benchmark)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,180 @@
+"""Shared pieces of the benchmark converters: layout discovery, the conversion plan, image loading, splits.
+
+A converter parses a raw dataset folder into a `Plan`: every image to convert (`Item`), the disjoint storage
+parts they are written to, and the official splits as lists of record ids. The TFDS builder (`builder.py`)
+then only encodes what the plan lists. Parsing never guesses: a missing expected file raises `LayoutError`
+with the expected layout, and anything skipped or unexpected goes into the plan's `skipped` / `warnings`,
+which end up in the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class LayoutError(FileNotFoundError):
+    """A raw dataset folder does not have the documented layout."""
+
+
+@dataclasses.dataclass
+class Item:
+    """One image to convert. `source` (the path relative to the dataset root) is also the record id."""
+
+    path: str
+    source: str
+    label: int
+    subject: str
+    part: str
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a converter found in a raw folder; see the module docstring."""
+
+    root: str
+    class_names: list[str]
+    items: list[Item]
+    folds: dict[str, dict[str, list[str]]]
+    default_fold: str
+    metadata_files: list[str]
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def skip(self, file: str, reason: str) -> None:
+        self.skipped.append({"file": file, "reason": reason})
+
+    def parts(self) -> list[str]:
+        return sorted({item.part for item in self.items})
+
+
+def find_root(raw_dir: str, marker: str, folder_name: str, layout: str) -> str:
+    """The dataset root: `raw_dir` itself, `raw_dir/folder_name`, or a single sub-folder holding `marker`.
+
+    Users point at either the extracted folder or its parent. Raises LayoutError naming the missing marker and
+    showing the expected layout.
+    """
+    if not os.path.isdir(raw_dir):
+        raise LayoutError(f"{raw_dir} is not a directory. Expected layout:\n{layout}")
+    candidates = [raw_dir, os.path.join(raw_dir, folder_name)]
+    candidates += sorted(os.path.join(raw_dir, d) for d in os.listdir(raw_dir)
+                         if os.path.isdir(os.path.join(raw_dir, d)))
+    for candidate in candidates:
+        if os.path.exists(os.path.join(candidate, marker)):
+            return candidate
+    raise LayoutError(f"{os.path.join(raw_dir, marker)} not found (nor {folder_name}/{marker} below it): "
+                      f"point --raw_dir at the extracted {folder_name} folder or its parent. "
+                      f"Expected layout:\n{layout}")
+
+
+def require(root: str, relative: str, layout: str) -> str:
+    """The path of an expected file or folder under `root`, or a LayoutError naming it."""
+    path = os.path.join(root, relative)
+    if not os.path.exists(path):
+        raise LayoutError(f"expected {relative} under {root}, but {path} is missing. Expected layout:\n{layout}")
+    return path
+
+
+def case_insensitive_index(folder: str) -> dict[str, str]:
+    """Maps lower-cased file names in `folder` to the names on disk (lists say 1.JPG, disks may say 1.jpg)."""
+    return {name.lower(): name for name in os.listdir(folder)}
+
+
+def read_image(path: str, channels: int, max_side: int | None) -> np.ndarray:
+    """Reads an image as uint8 HWC with `channels` (1 or 3) channels, longest side capped at `max_side`.
+
+    16-bit images are scaled to 8 bits; an alpha channel is dropped; colour is returned as RGB. A colour image
+    whose channels are all equal becomes 1-channel without loss; a real colour image asked for 1 channel is
+    converted to luminance. Raises ValueError naming the file when it cannot be decoded.
+    """
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"cannot decode image {path}")
+    if image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ValueError(f"unsupported pixel type {image.dtype} in {path}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    elif image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if max_side and max(image.shape[:2]) > max_side:
+        scale = max_side / max(image.shape[:2])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        image = resized if resized.ndim == 3 else resized[:, :, None]
+    if channels == 3 and image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    if channels == 1 and image.shape[2] == 3:
+        if (image[:, :, :1] == image).all():
+            return np.ascontiguousarray(image[:, :, :1])
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+    return image
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG bytes of a uint8 HWC image with 1 or 3 (RGB) channels."""
+    pixels = image[:, :, 0] if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".png", pixels)
+    if not ok:
+        raise ValueError(f"PNG encoding failed for an image of shape {image.shape}")
+    return buffer.tobytes()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stratified_holdout(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str], fraction: float,
+                       seed: int) -> tuple[list[str], list[str]]:
+    """Splits `ids` into (kept, held out) with about `fraction` of each class's groups held out.
+
+    Groups (subjects) never straddle the two parts; an empty group id makes the image its own group. A group
+    counts for the class of the majority of its images. Each class with at least two groups contributes at
+    least one held-out group, so a small class is still represented. Deterministic for a seed.
+    """
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, group in enumerate(groups):
+        members[group or f"\0{ids[i]}"].append(i)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for group, indices in members.items():
+        by_class[int(np.bincount([labels[i] for i in indices]).argmax())].append(group)
+    rng = np.random.default_rng(seed)
+    held: set[str] = set()
+    for label in sorted(by_class):
+        class_groups = sorted(by_class[label])
+        rng.shuffle(class_groups)
+        count = round(fraction * len(class_groups))
+        if fraction > 0 and len(class_groups) >= 2:
+            count = max(count, 1)
+        held.update(class_groups[:count])
+    held_ids = {ids[i] for group in held for i in members[group]}
+    return [i for i in ids if i not in held_ids], [i for i in ids if i in held_ids]
+
+
+def count_warnings(what: str, found: dict, documented: dict) -> list[str]:
+    """One warning per key whose count differs from the documented total (dataset papers and files)."""
+    return [f"{what} {key}: found {found.get(key, 0)}, documented {value}"
+            for key, value in documented.items() if found.get(key, 0) != value]
+
+
+def unlisted_images(folder: str, listed: Iterable[str], relative_to: str, plan: Plan, list_name: str) -> None:
+    """Records every image file in `folder` that the label files do not list, so none is dropped silently."""
+    listed_lower = {name.lower() for name in listed}
+    for name in sorted(os.listdir(folder)):
+        if name.lower().endswith(IMAGE_EXTENSIONS) and name.lower() not in listed_lower:
+            plan.skip(os.path.relpath(os.path.join(folder, name), relative_to), f"not listed in {list_name}")

@@ -1,0 +1,53 @@
+"""`convert(benchmark, raw_dir, out_dir, ...)`: builds the right TFDS builder(s) and runs the conversion."""
+
+from __future__ import annotations
+
+from data_prep.benchmarks import builder, common
+from data_prep.benchmarks.busbra import Busbra
+from data_prep.benchmarks.gist514 import VARIANTS, Gist514, layout
+from data_prep.benchmarks.labelled import Labelled
+from data_prep.benchmarks.mmotu import Mmotu
+
+BENCHMARKS = {"busbra": Busbra, "mmotu": Mmotu, "gist514": Gist514, "labelled": Labelled}
+
+
+def _variant_present(raw_dir: str, variant: str) -> bool:
+    folder, stem = VARIANTS[variant]
+    try:
+        common.find_root(raw_dir, f"annotations/val_{stem}_0.json", folder, layout(variant))
+    except common.LayoutError:
+        return False
+    return True
+
+
+def convert(benchmark: str, raw_dir: str, out_dir: str, *, variant: str | None = None,
+            max_side: int | None = builder.DEFAULT_MAX_SIDE, overwrite: bool = False, **options) -> dict:
+    """Converts one benchmark and returns its manifest (GIST514-DB `variant='both'`: {variant: manifest}).
+
+    GIST514-DB's `both` converts every variant found under `raw_dir` (and fails if there is none); `roi`
+    (the default) or `raw` insists on that one.
+
+    `options` go to the builder (labelled: dataset, val_fraction, test_fraction, seed). Raises
+    `common.LayoutError` for a wrong or partial layout, before anything is written.
+    """
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+    cls = BENCHMARKS[benchmark]
+    if benchmark == "gist514":
+        variant = variant or "roi"
+        if variant == "both":
+            names = [v for v in sorted(VARIANTS) if _variant_present(raw_dir, v)]
+            if not names:
+                common.find_root(raw_dir, f"annotations/val_{VARIANTS['roi'][1]}_0.json", VARIANTS["roi"][0],
+                                 layout("roi") + "\nand/or\n" + layout("raw"))
+        elif variant in VARIANTS:
+            names = [variant]
+        else:
+            raise ValueError(f"unknown GIST514-DB variant {variant!r}; choose roi, raw or both")
+        manifests = {v: builder.prepare(cls(raw_dir=raw_dir, data_dir=out_dir, config=v, max_side=max_side,
+                                            file_format="array_record"), overwrite) for v in names}
+        return manifests if variant == "both" else manifests[variant]
+    if variant:
+        raise ValueError(f"{benchmark} has no variants (got {variant!r})")
+    return builder.prepare(cls(raw_dir=raw_dir, data_dir=out_dir, max_side=max_side, file_format="array_record",
+                               **options), overwrite)

@@ -1,0 +1,177 @@
+"""A generic labelled ultrasound set: class folders, or a `path,label[,subject,split]` CSV.
+
+For users' own downstream tasks (fetal-heart views, thyroid nodules, ...; shared/reference/benchmarks.md):
+  * a folder with one sub-folder per class (class names sorted; images found recursively);
+  * or a CSV with a header holding at least `path` and `label` (paths relative to the CSV's folder or
+    absolute), optionally `subject` and `split` (train | validation | val | test).
+Without a split column the converter makes subject-level stratified splits (default 70/10/20, seed 0): no
+subject straddles two splits, and an empty subject makes the image its own group. Files that look like masks
+(`*_mask*`, `*_binary*`, `*_seg*`, or under a `mask(s)` / `annotations` folder) are skipped with a reason:
+masks never become inputs. The storage parts are the three splits themselves (fold "0").
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+
+from PIL import Image
+
+from data_prep.benchmarks import builder, common
+
+LAYOUT = """either  SRC/<class name>/**/*.png|jpg|jpeg|bmp|tif   (one sub-folder per class)
+or      SRC.csv with a header: path,label[,subject,split]"""
+SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
+               "test": "test"}
+MASK_NAME = re.compile(r"(_mask|_binary|_seg|_label)", re.IGNORECASE)
+MASK_DIRS = {"mask", "masks", "annotations", "annotation", "labels", "segmentations"}
+
+
+def looks_like_mask(relative: str) -> bool:
+    parts = relative.replace("\\", "/").split("/")
+    return bool(MASK_NAME.search(os.path.splitext(parts[-1])[0])) or any(p.lower() in MASK_DIRS for p in parts)
+
+
+def _rows_from_folders(src: str, plan: common.Plan) -> list[dict[str, str]]:
+    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    if not classes:
+        raise common.LayoutError(f"{src} has no class sub-folders. Expected layout:\n{LAYOUT}")
+    rows = []
+    for name in classes:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(src, name)):
+            dirnames.sort()
+            for file_name in sorted(filenames):
+                relative = os.path.relpath(os.path.join(dirpath, file_name), src)
+                if not file_name.lower().endswith(common.IMAGE_EXTENSIONS):
+                    plan.skip(relative, "not an image file")
+                elif looks_like_mask(os.path.relpath(relative, name)):
+                    plan.skip(relative, "looks like a mask (name or folder); masks are never inputs")
+                else:
+                    rows.append({"path": relative, "label": name, "subject": "", "split": ""})
+    return rows
+
+
+def _rows_from_csv(path: str) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        missing = [c for c in ("path", "label") if c not in header]
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {missing} in its header {header}; "
+                             f"expected path,label[,subject,split]")
+        rows = []
+        for number, values in enumerate(reader, 2):
+            if not any(v.strip() for v in values):
+                continue
+            row = {h: v.strip() for h, v in zip(header, values)}
+            if not row.get("path") or not row.get("label"):
+                raise ValueError(f"{path}:{number}: empty path or label in {values}")
+            rows.append({"path": row["path"], "label": row["label"], "subject": row.get("subject", ""),
+                         "split": row.get("split", "")})
+    return rows
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    """Class names in numeric order when all labels are integers (0, 1, 2, ..., 10), else alphabetical."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> common.Plan:
+    if not os.path.exists(src):
+        raise common.LayoutError(f"{src} does not exist. Expected layout:\n{LAYOUT}")
+    is_csv = os.path.isfile(src)
+    root = os.path.dirname(os.path.abspath(src)) if is_csv else src
+    plan = common.Plan(root=root, class_names=[], items=[], folds={}, default_fold="0",
+                       metadata_files=[os.path.basename(src)] if is_csv else [])
+    rows = _rows_from_csv(src) if is_csv else _rows_from_folders(src, plan)
+    if not rows:
+        raise common.LayoutError(f"{src} lists no images. Expected layout:\n{LAYOUT}")
+    plan.class_names = _sorted_labels({r["label"] for r in rows})
+    with_split = [r for r in rows if r["split"]]
+    if with_split and len(with_split) != len(rows):
+        raise ValueError(f"{src}: the split column is filled for {len(with_split)} of {len(rows)} rows; "
+                         f"fill it for all rows or for none")
+    seen = set()
+    for row in rows:
+        full = row["path"] if os.path.isabs(row["path"]) else os.path.join(root, row["path"])
+        relative = os.path.relpath(full, root)
+        split = row["split"].lower()
+        if split and split not in SPLIT_NAMES:
+            raise ValueError(f"{src}: split {row['split']!r} of {row['path']} is not one of {sorted(SPLIT_NAMES)}")
+        if relative in seen:
+            plan.skip(relative, "listed twice; the first row is used")
+            continue
+        if not os.path.isfile(full):
+            plan.skip(relative, "listed but missing")
+            continue
+        if is_csv and looks_like_mask(relative):
+            plan.skip(relative, "looks like a mask (name or folder); masks are never inputs")
+            continue
+        seen.add(relative)
+        plan.items.append(common.Item(path=full, source=relative, label=plan.class_names.index(row["label"]),
+                                      subject=row["subject"], part=SPLIT_NAMES[split] if split else ""))
+    if not with_split:
+        _assign_splits(plan, val_fraction, test_fraction, seed)
+    plan.folds["0"] = {name: [i.source for i in plan.items if i.part == name]
+                       for name in ("train", "validation", "test")}
+    return plan
+
+
+def _assign_splits(plan: common.Plan, val_fraction: float, test_fraction: float, seed: int) -> None:
+    """Subject-level stratified train/validation/test, by two nested hold-outs."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"split fractions must be in [0, 1) and sum below 1, got val {val_fraction}, "
+                         f"test {test_fraction}")
+    items = plan.items
+    rest, test = common.stratified_holdout([i.source for i in items], [i.label for i in items],
+                                           [i.subject for i in items], test_fraction, seed)
+    remaining = [i for i in items if i.source in set(rest)]
+    relative_val = val_fraction / (1.0 - test_fraction)
+    _, val = common.stratified_holdout([i.source for i in remaining], [i.label for i in remaining],
+                                       [i.subject for i in remaining], relative_val, seed + 1)
+    test_set, val_set = set(test), set(val)
+    for item in items:
+        item.part = "test" if item.source in test_set else "validation" if item.source in val_set else "train"
+
+
+def grayscale_only(plan: common.Plan) -> bool:
+    """True when every image is stored grayscale (read from the file headers only, so it is cheap)."""
+    for item in plan.items:
+        with Image.open(item.path) as image:
+            if image.mode not in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F", "LA"):
+                return False
+    return True
+
+
+class Labelled(builder.BenchmarkBuilder):
+    """A user's labelled ultrasound images; classes and channels come from the data."""
+
+    name = "labelled"
+    LICENSE = "the licence of the user's data"
+    DESCRIPTION = "A generic labelled image set (class folders or a path,label[,subject,split] CSV)."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Pass the class folder or the CSV as --src. Expected layout:\n{LAYOUT}"
+
+    def __init__(self, *, raw_dir: str | None = None, dataset: str | None = None, val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, seed: int = 0, **kwargs):
+        self.split_options = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        self.dataset = dataset or (os.path.splitext(os.path.basename(os.path.normpath(raw_dir)))[0]
+                                   if raw_dir else "labelled")
+        self._channels: int | None = None
+        super().__init__(raw_dir=raw_dir, **kwargs)
+
+    def parse(self, raw_dir: str) -> common.Plan:
+        return parse(raw_dir, **self.split_options)
+
+    def dataset_name(self) -> str:
+        return self.dataset
+
+    def class_names(self) -> list[str]:
+        return self.plan.class_names if self.raw_dir else []
+
+    def channels(self) -> int:
+        if self._channels is None:
+            self._channels = 1 if not self.raw_dir or grayscale_only(self.plan) else 3
+        return self._channels
