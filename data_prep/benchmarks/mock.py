@@ -6,7 +6,8 @@ It writes `Images/bus_NNNN-{l,r}.png`, `Masks/mask_NNNN-{l,r}.png`, `bus_data.cs
 the real columns. Images come from `usf_mae_jax.data.synthetic` (speckle, probe geometry, and lesions whose
 class shows in their shape: benign round and smooth with posterior enhancement, malignant irregular with a
 posterior shadow), so a small classifier can learn them. Folds are patient-level and stratified by
-pathology, like the real file; in each round about 10% of the training patients are validation patients.
+pathology, like the real file; in each round 15% of each class's training patients (at least one) are
+validation patients.
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ def _assign_folds(pathologies: list[str], rng: np.random.Generator) -> list[int]
     return folds
 
 
+def _assign_validation(pathologies: list[str], folds: list[int], rng: np.random.Generator,
+                       fraction: float = 0.15) -> dict[int, set[int]]:
+    """Per round k, a patient-level validation set: `fraction` of each class's non-test patients, at least one."""
+    validation = {}
+    for k in range(1, NUM_FOLDS + 1):
+        chosen: set[int] = set()
+        for name in ("benign", "malignant"):
+            candidates = [p for p, v in enumerate(pathologies) if v == name and folds[p] != k]
+            rng.shuffle(candidates)
+            chosen.update(candidates[:max(1, round(fraction * len(candidates)))])
+        validation[k] = chosen
+    return validation
+
+
 def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int = 0,
                       malignant_fraction: float = 0.4, second_image_fraction: float = 0.5) -> str:
     """Writes the tree under `root/BUSBRA` and returns that folder. Deterministic for a seed."""
@@ -45,7 +60,7 @@ def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int =
     pathologies = ["malignant" if rng.random() < malignant_fraction else "benign" for _ in range(patients)]
     pathologies[0], pathologies[1] = "benign", "malignant"  # both classes always present
     folds = _assign_folds(pathologies, rng)
-    validation = {p: rng.random() < 0.1 for p in range(patients)}
+    validation = _assign_validation(pathologies, folds, rng)
     data_rows, fold_rows = [], []
     for patient in range(patients):
         sides = ["l", "r"] if rng.random() < second_image_fraction else [str(rng.choice(["l", "r"]))]
@@ -60,7 +75,7 @@ def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int =
             data_rows.append([f"bus_{stem}", patient + 1, "synthetic", pathologies[patient],
                               4 if label == synthetic.MALIGNANT else 3, "synthetic", size, size, side,
                               f"[0, 0, {size}, {size}]"])
-            valid = ["" if folds[patient] == k else (0 if validation[patient] else 1)
+            valid = ["" if folds[patient] == k else (0 if patient in validation[k] else 1)
                      for k in range(1, NUM_FOLDS + 1)]
             fold_rows.append([f"bus_{stem}", pathologies[patient], folds[patient], *valid])
     with open(os.path.join(base, "bus_data.csv"), "w", newline="") as f:
