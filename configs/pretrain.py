@@ -1,0 +1,105 @@
+"""Pretraining configs: `--config=configs/pretrain.py:PRESET[,key=value,...]`.
+
+Presets:
+  demo      a small MAE on synthetic ultrasound held in memory; finishes on a laptop CPU in a few minutes.
+  usf_mae   the USF-MAE recipe (shared/reference/usf_mae_recipe.md): ViT-B/16, raw-pixel targets, AdamW with
+            PyTorch's default betas, decay on every parameter, clipping at 1.0, bf16, 10% warmup.
+  mae_in1k  the reference MAE recipe (facebookresearch/mae PRETRAIN.md): norm-pix targets, betas (0.9, 0.95),
+            no decay on 1-D params and biases, 40 warmup epochs, batch 4096.
+
+Preset arguments: variant (mu|tiny|small|base|large|huge), img_size, batch_size, and `runlocal`, which shrinks
+any preset (tiny model, synthetic data, a few steps) so that it runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.parse_arg(arg, preset="demo", variant="", img_size=0, batch_size=0, runlocal=False)
+    if args.preset not in ("demo", "usf_mae", "mae_in1k"):
+        raise ValueError(f"unknown pretrain preset {args.preset!r}; choose demo, usf_mae or mae_in1k")
+
+    c = ml_collections.ConfigDict()
+    c.mode = "pretrain"
+    c.preset = args.preset
+    c.seed = 0
+    c.update(common.duration_fields())
+    c.batch_size = 64  # global batch per optimizer micro-step
+    c.grad_accum_steps = 1  # optax.MultiSteps; the effective batch is batch_size * grad_accum_steps
+    c.model = common.model_block("base", 224)
+    c.input = common.input_block()
+    c.mesh = common.mesh_block()
+    c.optimizer = ml_collections.ConfigDict({
+        "blr": 1.5e-4,
+        "lr": config_dict.placeholder(float),  # absolute peak lr; when set, blr is ignored
+        "lr_batch_denominator": 256,  # lr = blr * effective_batch / lr_batch_denominator
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "weight_decay": 0.05,
+        "wd_mask": "reference",  # reference: no decay on 1-D params and biases | all: decay everything
+        "min_lr": 0.0,
+        "clip_grad_norm": 0.0,  # 0 disables global-norm clipping
+    })
+    c.init_from = config_dict.placeholder(str)  # params-only init: .pth/.pt/.safetensors or an orbax dir
+    c.log_steps = 20
+    c.ckpt_steps = 1000
+    c.keep_ckpts = 3
+    c.vis_steps = 1000  # every vis_steps a PNG grid: input | masked | reconstruction
+    c.vis_count = 4
+
+    if args.preset == "demo":
+        c.model = common.model_block("tiny", 64, patch_size=8, depth=4, decoder_depth=1)
+        c.input = common.input_block(source="synthetic", synthetic_count=2048, augment="none")
+        c.batch_size = 32
+        c.total_steps = 300
+        c.warmup_fraction = 0.1
+        c.optimizer.lr = 1e-3  # a tiny model on a tiny set tolerates a larger lr than blr * 32 / 256
+        c.log_steps, c.ckpt_steps, c.vis_steps = 10, 100, 100
+    elif args.preset == "usf_mae":
+        # usf_mae_recipe.md: base/16 at 224 from the ImageNet MAE "full" checkpoint, raw-pixel targets.
+        c.model.norm_pix_loss = False
+        c.model.dtype = "bfloat16"  # the authors train under bf16 autocast
+        c.input = common.input_block(source="shards", augment="usf_mae")
+        c.batch_size = 64
+        c.total_epochs = 100.0
+        c.warmup_fraction = 0.1  # linear warmup over 10% of all steps
+        c.optimizer.update(
+            blr=3e-4,  # grid {3e-4, 1e-3}
+            lr_batch_denominator=128,  # the notebook scales by 128/256 at batch 64, i.e. blr * 64 / 128
+            b1=0.9, b2=0.999, eps=1e-8,  # torch.optim.AdamW defaults
+            weight_decay=0.05,  # grid {0.01, 0.05}
+            wd_mask="all",  # the notebook decays every parameter
+            min_lr=1e-5,
+            clip_grad_norm=1.0)
+    else:
+        # facebookresearch/mae PRETRAIN.md: ViT-B, 800 epochs, batch 4096, blr 1.5e-4, warmup 40, norm-pix.
+        c.model.norm_pix_loss = True
+        c.model.dtype = "bfloat16"
+        c.input = common.input_block(source="shards", augment="mae")
+        c.batch_size = 4096
+        c.total_epochs = 800.0
+        c.warmup_epochs = 40.0
+        c.optimizer.update(blr=1.5e-4, lr_batch_denominator=256, b1=0.9, b2=0.95, weight_decay=0.05,
+                           wd_mask="reference", min_lr=0.0, clip_grad_norm=0.0)
+
+    if args.variant:
+        c.model.variant = args.variant
+    if args.img_size:
+        c.model.img_size = args.img_size
+    if args.batch_size:
+        c.batch_size = args.batch_size
+    if args.runlocal:
+        c.model.update(variant="mu", img_size=32, patch_size=8, dtype="float32")
+        c.input.update(source="synthetic", synthetic_count=64, augment="none")
+        c.batch_size = 8
+        for field in ("total_epochs", "warmup_epochs", "warmup_fraction", "warmup_steps"):
+            c[field] = None
+        c.total_steps, c.warmup_steps = 4, 1
+        c.log_steps, c.ckpt_steps, c.vis_steps = 1, 2, 2
+    return c

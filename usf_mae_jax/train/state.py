@@ -1,0 +1,115 @@
+"""The MAE train state and the jitted, sharded train step, shared by the pretraining loop and the benchmark.
+
+The state is a plain dict `{step, params, opt_state}`: params are the model's pure parameter dict (stable,
+reference-mirroring names), so checkpoints are readable without our classes and the weight-decay mask can be
+computed from paths. The model is rebuilt inside the traced step with `nnx.merge(graphdef, params)`, which
+costs nothing at run time.
+
+Randomness: the step key is `fold_in(key(seed), step)` with the step read from the state, then split per use
+(DESIGN.md, "Randomness"). A resumed run therefore draws exactly the masks of an uninterrupted one, and the
+noise does not depend on how the batch is sharded (threefry is partitionable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from usf_mae_jax.models import vit
+from usf_mae_jax.models.mae import MaskedAutoencoder, validate_mask_ratio
+from usf_mae_jax.train import optim, sharding
+
+# Per-use streams folded into the step key.
+MASK_STREAM, VIS_STREAM = 0, 1
+
+
+def build_model_config(model_cfg: Any) -> vit.ModelConfig:
+    """ModelConfig from the config's `model` block: the variant's sizes, overridden by every field set."""
+    fields = {f.name for f in dataclasses.fields(vit.ModelConfig)}
+    overrides = {k: model_cfg[k] for k in fields if k in model_cfg and model_cfg[k] is not None}
+    return vit.model_config(model_cfg.variant, **overrides)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything fixed for a run: model structure, optimizer, shardings and the jitted functions."""
+
+    model_config: vit.ModelConfig
+    mesh: Mesh
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: dict
+    state_shardings: dict
+    init: Any  # jitted () -> state, created directly in its sharded layout
+    train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+
+
+def abstract_params(model_config: vit.ModelConfig) -> tuple[Any, dict]:
+    abstract_model = nnx.eval_shape(lambda: MaskedAutoencoder(model_config, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract_model)
+    return graphdef, nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+
+
+def create_train_setup(model_config: vit.ModelConfig, opt_cfg: Any, mesh: Mesh, *, seed: int,
+                       mask_ratio: float, peak_lr: float, total_updates: int, warmup_updates: int,
+                       grad_accum_steps: int = 1, fsdp_min_size: int = 2**18) -> TrainSetup:
+    validate_mask_ratio(mask_ratio)
+    graphdef, params_shape = abstract_params(model_config)
+    schedule = optim.warmup_cosine(peak_lr, total_updates, warmup_updates, opt_cfg.min_lr)
+    tx = optim.make_optimizer(opt_cfg, schedule, params_shape, grad_accum_steps)
+
+    def init_state():
+        model = MaskedAutoencoder(model_config, rngs=nnx.Rngs(seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract_state = jax.eval_shape(init_state)
+    state_shardings = sharding.tree_shardings(abstract_state, mesh, fsdp_min_size)
+    init = jax.jit(init_state, out_shardings=state_shardings)
+    step_fn = make_train_step(graphdef, model_config, tx, schedule, seed=seed, mask_ratio=mask_ratio,
+                              grad_accum_steps=grad_accum_steps)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.MESH_AXES))
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, {"image": batch_sharding}),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    return TrainSetup(model_config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, init,
+                      train_step)
+
+
+def make_train_step(graphdef, model_config: vit.ModelConfig, tx, schedule, *, seed: int, mask_ratio: float,
+                    grad_accum_steps: int = 1):
+    """Returns the pure step function: forward, backward, optimizer update and metrics, all on device.
+
+    A non-finite loss or gradient norm leaves the state unchanged (the update is discarded on device) and
+    raises the `nonfinite` flag; the loop stops with the step number and the last good checkpoint intact.
+    """
+
+    def loss_fn(params, images, key):
+        model = nnx.merge(graphdef, params)
+        loss, _, _ = model(images, mask_ratio, rng=key)
+        return loss
+
+    def train_step(state, batch):
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        images = vit.normalize_images(batch["image"], model_config.in_chans)
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], images,
+                                                  jax.random.fold_in(key, MASK_STREAM))
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                 {**state, "step": step + 1})
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step // grad_accum_steps),
+                   "nonfinite": ~finite}
+        return new_state, metrics
+
+    return train_step
