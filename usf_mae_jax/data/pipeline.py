@@ -7,38 +7,313 @@ The training loop sees one interface, `GlobalBatchIterator`:
     state = it.get_state()  # JSON bytes describing exactly the batches consumed so far (not the prefetched)
     it.set_state(state)     # continue with bit-identical batches after a restart
 
-Host batches stay uint8 at the model's size; float conversion and normalisation happen on the device inside
-the jitted step (DESIGN.md, "Batches"). Each process reads a disjoint slice of the data
-(`jax.process_index()::jax.process_count()`) and contributes its rows to the global array.
+What happens on each host, in order (`build_host_dataset`):
+
+1. **Reading.** `input.data_dirs` names dataset folders written by `data_prep` (or roots holding several);
+   only finished folders (with `manifest.json`) are read, each through one `ArrayRecordDataSource` over its
+   `train` shards. `input.source='synthetic'` uses in-memory synthetic images through the same path.
+2. **Order and mixing** (`MixtureSource`). Each dataset is cut per process (`process_index::process_count`,
+   disjoint, union = everything), and reshuffled every epoch of *that dataset* with a permutation seeded by
+   (seed, dataset, epoch). The datasets are interleaved by `input.weights` (default: proportional to size):
+   the stream is cut in blocks in which each dataset gets exactly its share of slots, spread evenly with a
+   seeded phase, so every batch has the configured mix, a few huge video sets cannot dominate and small sets
+   simply repeat more often. Every position of
+   the infinite stream is a pure function of (seed, position): random access, hence exact resume.
+3. **Decode, augment** (`DecodeAugment`). Records are decoded (`records.decode`), set to the batch's channel
+   count and augmented (`augment.make_augment`) with a generator seeded by (seed, dataset, epoch, record):
+   the same record in the same epoch gets the same crop on any host layout and after any restart. Corrupt
+   records are counted, logged with their dataset/source, and dropped; past `input.max_corrupt_fraction`
+   of the records read, the run stops with an error.
+4. **Batch, prefetch.** Batches of the per-process size with drop-remainder, decoded by a grain thread pool
+   (`input.num_threads`) or, with `input.worker_processes > 0`, by worker processes (`mp_prefetch`); on a
+   small host the processes cost more in IPC than they save (jax_stack.md 2b), on a big one they scale.
+5. **Global arrays.** `GlobalBatchIterator` turns each host batch into a global `jax.Array` with
+   `make_array_from_process_local_data` and keeps `input.device_prefetch` batches in flight.
+
+Host batches stay uint8 at the model's size, 1 channel for grayscale data (3 when any dataset is colour, or
+as `input.channels` says); float conversion, normalisation and channel replication happen on the device
+inside the jitted step (DESIGN.md, "Batches").
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from usf_mae_jax.data import synthetic
+from usf_mae_jax.data import augment, records, synthetic
 
 BATCH_AXES = ("data", "fsdp")
+MANIFEST_NAME = "manifest.json"
+MIN_RECORDS_FOR_CORRUPT_CHECK = 100  # do not fail a run on 1 bad record among the first 10
+_LOGGED_CORRUPT_IN_FULL = 20
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One finished dataset folder: its name, shard paths for the split, record count and channel counts."""
+
+    name: str
+    folder: str
+    paths: tuple[str, ...]
+    size: int
+    channels: dict[str, int]
+
+
+def _dataset_info(folder: str, split: str) -> DatasetInfo:
+    with open(os.path.join(folder, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    paths = tuple(os.path.join(folder, name) for name in manifest.get("shards", {}).get(split, []))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{folder}: manifest lists shards that are missing: {missing[:3]}")
+    return DatasetInfo(manifest.get("dataset", os.path.basename(folder)), folder, paths,
+                       int(manifest.get("counts", {}).get(split, 0)), dict(manifest.get("channels", {})))
+
+
+def find_datasets(data_dirs: str, split: str = "train") -> list[DatasetInfo]:
+    """Dataset folders named by `data_dirs` (comma-separated folders or roots of folders), in that order.
+
+    A folder is a dataset when it holds `manifest.json`; otherwise its sub-folders that do are taken, sorted
+    by name. Datasets without records in `split` are left out with a warning.
+    """
+    entries = [d.strip() for d in str(data_dirs).split(",") if d.strip()]
+    if not entries:
+        raise ValueError("input.data_dirs is empty: give dataset folders written by `python -m data_prep`")
+    datasets = []
+    for entry in entries:
+        if not os.path.isdir(entry):
+            raise FileNotFoundError(f"input.data_dirs entry {entry!r} is not a directory")
+        if os.path.isfile(os.path.join(entry, MANIFEST_NAME)):
+            folders = [entry]
+        else:
+            folders = sorted(os.path.join(entry, d) for d in os.listdir(entry)
+                             if os.path.isfile(os.path.join(entry, d, MANIFEST_NAME)))
+            if not folders:
+                raise FileNotFoundError(f"{entry}: no finished dataset here (no {MANIFEST_NAME} in it or in its "
+                                        "sub-folders); run `python -m data_prep ...` first")
+        for folder in folders:
+            info = _dataset_info(folder, split)
+            if info.size == 0:
+                log.warning("dataset %s has no %r records; left out", folder, split)
+                continue
+            datasets.append(info)
+    if not datasets:
+        raise ValueError(f"no dataset under {entries} has {split!r} records")
+    return datasets
+
+
+def mixture_weights(weights: str, sizes: list[int]) -> np.ndarray:
+    """Normalised mixture weights: '' gives proportional-to-size, else one non-negative number per dataset."""
+    if not str(weights).strip():
+        raw = np.asarray(sizes, np.float64)
+    else:
+        raw = np.asarray([float(w) for w in str(weights).split(",")], np.float64)
+        if len(raw) != len(sizes):
+            raise ValueError(f"input.weights has {len(raw)} entries for {len(sizes)} datasets")
+    if (raw < 0).any() or not np.isfinite(raw).all() or raw.sum() <= 0:
+        raise ValueError(f"input.weights must be non-negative with a positive sum, got {weights!r}")
+    return raw / raw.sum()
 
 
 class InMemorySource:
     """A grain random-access source over an in-memory image array (the `demo` preset's data)."""
 
-    def __init__(self, images: np.ndarray):
-        self.images = images
+    def __init__(self, images: np.ndarray, name: str = "synthetic"):
+        self.images, self.name = images, name
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"image": self.images[index]}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "dataset": self.name, "source": f"{self.name}/{index}"}
+
+
+# ------------------------------------------------------------------------------------------ order, mixing
+
+
+def _block_size(num_datasets: int) -> int:
+    """Blocks must exceed D^2 so the heaviest dataset's per-block quota never goes negative (see `_quotas`)."""
+    return max(4096, 2 * num_datasets * num_datasets)
+
+
+class MixtureSource:
+    """Infinite random-access stream over several datasets: item i -> {'record', 'dataset', 'epoch', 'index'}.
+
+    Slot assignment: in block b (of `block` positions) dataset d gets C_d(b + 1) - C_d(b) slots, where
+    C_d(b) = floor(b * block * w_d) for every dataset but the heaviest, which takes the rest; over any prefix
+    each dataset's share is within D of its weight. Inside a block the slots of each dataset are spread
+    evenly, with a phase drawn from (seed, block), so any window is within about one example per dataset
+    of its share. A dataset's j-th slot reads its local record perm_e[j mod n] of epoch
+    e = j // n, with perm_e a permutation seeded by (seed, dataset, e).
+    """
+
+    def __init__(self, sources: list[Any], weights: np.ndarray, seed: int, shard_index: int = 0,
+                 shard_count: int = 1, names: list[str] | None = None):
+        self.sources, self.seed = list(sources), int(seed)
+        self.weights = np.asarray(weights, np.float64)
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.names = names or [f"dataset{d}" for d in range(len(self.sources))]
+        self.local_sizes = [len(range(shard_index, len(s), shard_count)) for s in self.sources]
+        for name, size, weight in zip(self.names, self.local_sizes, self.weights):
+            if weight > 0 and size == 0:
+                raise ValueError(f"dataset {name} has fewer records than the {shard_count} processes")
+        self.block = _block_size(len(self.sources))
+        self._heaviest = int(np.argmax(self.weights))
+        self._make_caches()
+
+    def _make_caches(self) -> None:
+        self._block_layout = functools.lru_cache(maxsize=8)(self._compute_block_layout)
+        self._permutation = functools.lru_cache(maxsize=4 * len(self.sources) + 4)(self._compute_permutation)
+
+    def __getstate__(self) -> dict:  # worker processes receive the source without its caches
+        state = dict(self.__dict__)
+        del state["_block_layout"], state["_permutation"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_caches()
+
+    def __len__(self) -> int:
+        return sys.maxsize  # infinite: epochs are per dataset, the train loop counts steps
+
+    def cumulative_slots(self, block_index: int) -> np.ndarray:
+        """C_d(b): slots of each dataset in blocks [0, b)."""
+        positions = block_index * self.block
+        counts = np.floor(positions * self.weights + 1e-9).astype(np.int64)
+        counts[self._heaviest] = 0
+        counts[self._heaviest] = positions - counts.sum()
+        return counts
+
+    def _compute_block_layout(self, block_index: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.cumulative_slots(block_index), self.cumulative_slots(block_index + 1)
+        quotas = end - start
+        # Dataset d's k-th slot sits at time (k + phase_d) / quota_d: evenly spread, with a seeded phase, so
+        # every window of the stream (a batch) holds each dataset's share to within one example.
+        phases = np.random.default_rng([self.seed, 0x6D6978, block_index]).random(len(self.sources))
+        slots = np.repeat(np.arange(len(self.sources)), quotas)
+        times = np.concatenate([(np.arange(q) + phases[d]) / max(q, 1) for d, q in enumerate(quotas)])
+        slots = slots[np.argsort(times, kind="stable")]
+        ranks = np.empty(len(slots), np.int64)
+        for d in range(len(self.sources)):
+            where = np.flatnonzero(slots == d)
+            ranks[where] = start[d] + np.arange(len(where))
+        return slots, ranks
+
+    def _compute_permutation(self, dataset: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, dataset, epoch]).permutation(self.local_sizes[dataset])
+
+    def locate(self, position: int) -> tuple[int, int, int]:
+        """Stream position -> (dataset, epoch of that dataset, global record index in the dataset)."""
+        slots, ranks = self._block_layout(position // self.block)
+        dataset, j = int(slots[position % self.block]), int(ranks[position % self.block])
+        epoch, k = divmod(j, self.local_sizes[dataset])
+        local = int(self._permutation(dataset, epoch)[k])
+        return dataset, epoch, self.shard_index + local * self.shard_count
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        dataset, epoch, index = self.locate(position)
+        return {"record": self.sources[dataset][index], "dataset": dataset, "epoch": epoch, "index": index}
+
+
+# ------------------------------------------------------------------------------------- decode, augment
+
+
+class CorruptRecordBudget:
+    """Counts records read and corrupt ones (per process); raises once the corrupt share passes the limit."""
+
+    def __init__(self, max_fraction: float):
+        self.max_fraction = float(max_fraction)
+        self.seen = self.corrupt = 0
+        self._lock = threading.Lock()
+
+    def record_ok(self) -> None:
+        with self._lock:
+            self.seen += 1
+
+    def record_corrupt(self, where: str, reason: str) -> None:
+        with self._lock:
+            self.seen += 1
+            self.corrupt += 1
+            seen, corrupt = self.seen, self.corrupt
+        if corrupt <= _LOGGED_CORRUPT_IN_FULL or corrupt % 100 == 0:
+            log.warning("corrupt record skipped (%d so far of %d read): %s: %s", corrupt, seen, where, reason)
+        if seen >= MIN_RECORDS_FOR_CORRUPT_CHECK and corrupt > self.max_fraction * seen:
+            raise RuntimeError(f"{corrupt} of the {seen} records read are corrupt, more than "
+                               f"input.max_corrupt_fraction={self.max_fraction}; last one: {where}: {reason}. "
+                               "Re-convert the dataset (python -m data_prep ... --overwrite) or drop it.")
+
+
+def set_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W, 1|3) -> (H, W, channels): grayscale is repeated, colour converted with the ITU-R 601 luma."""
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+
+
+class DecodeAugment:
+    """Mixture item -> {'image': uint8 (size, size, channels)}, or None for a corrupt record (counted)."""
+
+    def __init__(self, preset: str, size: int, channels: int, seed: int, names: list[str],
+                 max_corrupt_fraction: float, with_labels: bool = False):
+        self.preset, self.size, self.channels, self.seed = preset, size, channels, int(seed)
+        self.names, self.with_labels = names, with_labels
+        self.budget = CorruptRecordBudget(max_corrupt_fraction)
+        self._augment = augment.make_augment(preset, size)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["budget"] = self.budget.max_fraction  # each worker process keeps its own count
+        del state["_augment"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.budget = CorruptRecordBudget(state["budget"])
+        self._augment = augment.make_augment(self.preset, self.size)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        raw = item["record"]
+        if isinstance(raw, dict):  # in-memory sources hand out decoded examples
+            example = raw
+        else:
+            try:
+                example = records.decode(raw)
+            except records.CorruptRecordError as e:
+                where = (f"{e.header.get('dataset', self.names[item['dataset']])}/"
+                         f"{e.header.get('source', '?')} (record {item['index']})")
+                self.budget.record_corrupt(where, str(e))
+                return None
+        self.budget.record_ok()
+        image = set_channels(example["image"], self.channels)
+        rng = np.random.default_rng([self.seed, item["dataset"], item["epoch"], item["index"]])
+        out = {"image": self._augment(image, rng)}
+        if self.with_labels:
+            out["label"] = np.int32(example.get("label", -1))
+        return out
+
+
+# -------------------------------------------------------------------------------------------- assembly
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -53,6 +328,58 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+@functools.lru_cache(maxsize=4)
+def _synthetic_images(count: int, size: int, seed: int) -> np.ndarray:
+    images, _ = synthetic.SyntheticUltrasound(count, size, seed=seed, lesion_fraction=0.5).materialize()
+    return images
+
+
+def _sources(input_cfg: Any, img_size: int) -> tuple[list[Any], list[str], list[int], int]:
+    """(sources, names, sizes, channels of the data) for the configured input."""
+    if input_cfg.source == "synthetic":
+        images = _synthetic_images(int(input_cfg.synthetic_count), img_size, int(input_cfg.synthetic_seed))
+        return [InMemorySource(images)], ["synthetic"], [len(images)], 1
+    if input_cfg.source == "shards":
+        datasets = find_datasets(input_cfg.data_dirs)
+        sources = [grain.sources.ArrayRecordDataSource(list(d.paths)) for d in datasets]
+        for info, source in zip(datasets, sources):
+            if len(source) != info.size:
+                raise ValueError(f"{info.folder}: manifest counts {info.size} train records, "
+                                 f"the shards hold {len(source)}")
+        colour = any(d.channels.get("3", 0) > 0 for d in datasets)
+        return sources, [d.name for d in datasets], [d.size for d in datasets], 3 if colour else 1
+    raise ValueError(f"unknown input source {input_cfg.source!r}; choose synthetic or shards")
+
+
+def build_host_dataset(input_cfg: Any, *, batch_size: int, img_size: int, seed: int, process_index: int = 0,
+                       process_count: int = 1, with_labels: bool = False) -> grain.IterDataset:
+    """This process's stream of uint8 batches {'image': (batch_size, img_size, img_size, C)} (module doc)."""
+    sources, names, sizes, data_channels = _sources(input_cfg, img_size)
+    channels = int(input_cfg.get("channels", 0)) or data_channels
+    if channels not in (1, 3):
+        raise ValueError(f"input.channels must be 0 (auto), 1 or 3, got {channels}")
+    weights = mixture_weights(input_cfg.weights, sizes) if input_cfg.source == "shards" else np.ones(1)
+    mixture = MixtureSource(sources, weights, seed, process_index, process_count, names)
+    decode = DecodeAugment(input_cfg.augment, img_size, channels, seed, names,
+                           float(input_cfg.max_corrupt_fraction), with_labels)
+    dataset = grain.MapDataset.source(mixture).map(decode)
+    stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=int(input_cfg.num_threads),
+                                                       prefetch_buffer_size=int(input_cfg.prefetch_buffer)))
+    stream = stream.batch(batch_size, drop_remainder=True)
+    workers = int(input_cfg.worker_processes)
+    if workers > 0:
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    return stream
+
+
+def describe(input_cfg: Any, img_size: int, seed: int) -> dict[str, Any]:
+    """What determines the stream; stored with the iterator state to flag a resume onto different data."""
+    return {"source": str(input_cfg.source), "data_dirs": str(input_cfg.get("data_dirs", "")),
+            "weights": str(input_cfg.get("weights", "")), "augment": str(input_cfg.augment),
+            "img_size": int(img_size), "seed": int(seed), "process_count": jax.process_count(),
+            "worker_processes": int(input_cfg.worker_processes)}
+
+
 class GlobalBatchIterator:
     """Wraps a grain iterator of host batches; yields global arrays, prefetching `prefetch` batches ahead.
 
@@ -61,11 +388,13 @@ class GlobalBatchIterator:
     state from *before* the oldest batch not yet handed out, so a restore replays nothing and skips nothing.
     """
 
-    def __init__(self, dataset: grain.IterDataset, mesh: Mesh, prefetch: int = 2):
+    def __init__(self, dataset: grain.IterDataset, mesh: Mesh, prefetch: int = 2,
+                 description: dict[str, Any] | None = None):
         self._iterator = iter(dataset)
         self._sharding = batch_sharding(mesh)
         self._prefetch = max(1, prefetch)
         self._queue: collections.deque = collections.deque()
+        self._description = description or {}
 
     def _to_global(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v))
@@ -86,11 +415,26 @@ class GlobalBatchIterator:
 
     def get_state(self) -> bytes:
         state = self._queue[0][0] if self._queue else self._iterator.get_state()
-        return json.dumps(state).encode()
+        return json.dumps({"grain": state, "pipeline": self._description}).encode()
 
-    def set_state(self, state: bytes | str) -> None:
+    def set_state(self, state: bytes | str | dict) -> None:
+        if not isinstance(state, dict):
+            state = json.loads(state)
+        saved = state.get("pipeline")
+        if saved is not None and self._description and saved != self._description:
+            log.warning("resuming the input pipeline with a different configuration: saved %s, now %s; the "
+                        "data order will not continue the interrupted run exactly", saved, self._description)
         self._queue.clear()
-        self._iterator.set_state(json.loads(state))
+        self._iterator.set_state(state.get("grain", state))
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after a restore; batches are fetched on demand instead."""
+
+    def close(self) -> None:
+        self._queue.clear()
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
 
 
 class FrozenIteratorState:
@@ -107,31 +451,19 @@ class FrozenIteratorState:
         return self._state
 
 
-def _synthetic_dataset(input_cfg: Any, img_size: int, seed: int) -> grain.MapDataset:
-    images, _ = synthetic.SyntheticUltrasound(input_cfg.synthetic_count, img_size, seed=input_cfg.synthetic_seed,
-                                              lesion_fraction=0.5).materialize()
-    return grain.MapDataset.source(InMemorySource(images))
-
-
 def make_pretrain_iterator(input_cfg: Any, *, global_batch_size: int, img_size: int, seed: int,
                            mesh: Mesh) -> GlobalBatchIterator:
     """Builds the pretraining input: shuffled every epoch, sharded per process, batched, global arrays."""
-    per_process = local_batch_size(global_batch_size)
-    if input_cfg.source == "synthetic":
-        dataset = _synthetic_dataset(input_cfg, img_size, seed)
-    else:
-        raise ValueError(f"unknown input source {input_cfg.source!r}")
-    dataset = dataset[jax.process_index()::jax.process_count()]
-    if len(dataset) < per_process:
-        raise ValueError(f"this process holds {len(dataset)} images, fewer than one batch of {per_process}")
-    dataset = dataset.shuffle(seed=seed).repeat(None).batch(per_process, drop_remainder=True)
-    iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=input_cfg.num_threads,
-                                                        prefetch_buffer_size=input_cfg.prefetch_buffer))
-    return GlobalBatchIterator(iter_ds, mesh, prefetch=input_cfg.device_prefetch)
+    stream = build_host_dataset(input_cfg, batch_size=local_batch_size(global_batch_size), img_size=img_size,
+                                seed=seed, process_index=jax.process_index(), process_count=jax.process_count())
+    return GlobalBatchIterator(stream, mesh, prefetch=input_cfg.device_prefetch,
+                               description=describe(input_cfg, img_size, seed))
 
 
 def images_per_epoch(input_cfg: Any) -> int:
-    """Dataset size used to turn epochs into steps."""
+    """Dataset size used to turn epochs into steps: all train records of all datasets (from the manifests)."""
     if input_cfg.source == "synthetic":
         return int(input_cfg.synthetic_count)
-    raise ValueError(f"unknown input source {input_cfg.source!r}")
+    if input_cfg.source == "shards":
+        return sum(d.size for d in find_datasets(input_cfg.data_dirs))
+    raise ValueError(f"unknown input source {input_cfg.source!r}; choose synthetic or shards")

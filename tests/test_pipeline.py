@@ -1,0 +1,231 @@
+"""Grain pipeline: mixing, epoch shuffles, host sharding, determinism, exact resume through Orbax, corrupt data."""
+
+import logging
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+from ml_collections import ConfigDict
+
+from data_prep import writer
+from usf_mae_jax.data import pipeline
+
+SIDE = 8
+
+
+def load_indexed(task):
+    """Task (i, channels) -> an 8x8 image whose every pixel is i (colour: i, i + 1, i + 2)."""
+    index, channels = task
+    image = np.full((SIDE, SIDE), index, np.uint8)
+    if channels == 3:
+        image = np.stack([image, image + 1, image + 2], axis=2)
+    yield writer.Example(image=image, source=f"img{index}.png", label=index % 2)
+
+
+def _dataset(root, name, values, channels=1, per_shard=5):
+    writer.write_dataset(root, name, [(v, channels) for v in values], load_indexed, records_per_shard=per_shard,
+                         progress=False)
+    return root / name
+
+
+def _config(data_dirs, **overrides):
+    cfg = ConfigDict({"source": "shards", "data_dirs": str(data_dirs), "weights": "", "augment": "none",
+                      "synthetic_count": 16, "synthetic_seed": 0, "num_threads": 2, "prefetch_buffer": 8,
+                      "device_prefetch": 2, "worker_processes": 0, "max_corrupt_fraction": 0.01})
+    cfg.update(overrides)
+    return cfg
+
+
+def _values(batches):
+    """The record id of every image in a list of host batches (pixel [0, 0, 0])."""
+    return [int(v) for b in batches for v in np.asarray(b["image"])[:, 0, 0, 0]]
+
+
+def _take(stream, count):
+    iterator = iter(stream)
+    return [next(iterator) for _ in range(count)]
+
+
+def test_mixture_quotas_follow_weights_exactly():
+    source = pipeline.MixtureSource([range(1000), range(30), range(7)], np.array([0.6, 0.3, 0.1]), seed=0)
+    positions = 3 * source.block
+    picks = np.array([source.locate(i)[0] for i in range(positions)])
+    counts = np.bincount(picks)
+    # floor(position * weight) for the lighter datasets (< 1 off), the rest for the heaviest (< D off).
+    assert counts[1:].tolist() == [int(0.3 * positions), int(0.1 * positions)]
+    assert counts.sum() == positions and np.abs(counts - positions * np.array([0.6, 0.3, 0.1])).max() < 3
+    # Within any prefix each share stays within one block of its weight.
+    for start in (0, 333, 5000):  # any window holds each share to within about one example
+        window = picks[start:start + 64]
+        assert np.abs(np.bincount(window, minlength=3) - 64 * np.array([0.6, 0.3, 0.1])).max() <= 2
+
+
+def test_each_dataset_epoch_is_a_permutation_and_epochs_differ():
+    source = pipeline.MixtureSource([range(10), range(5)], np.array([2 / 3, 1 / 3]), seed=3)
+    by_dataset = {0: [], 1: []}
+    for position in range(source.block):
+        dataset, epoch, index = source.locate(position)
+        by_dataset[dataset].append((epoch, index))
+    assert len(by_dataset[1]) == source.block // 3 == 1365 and len(by_dataset[0]) == 2731
+    # Dataset slots are consumed in order: epoch e of dataset 1 is its slots 5e .. 5e + 4.
+    assert [e for e, _ in by_dataset[1]] == [j // 5 for j in range(1365)]
+    epochs = [[i for e, i in by_dataset[1] if e == k] for k in range(273)]
+    assert all(sorted(epoch) == list(range(5)) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # reshuffled every epoch
+
+
+def test_weights_parsing():
+    np.testing.assert_allclose(pipeline.mixture_weights("", [30, 10]), [0.75, 0.25])
+    np.testing.assert_allclose(pipeline.mixture_weights("1,1", [30, 10]), [0.5, 0.5])
+    with pytest.raises(ValueError, match="2 entries for 3 datasets"):
+        pipeline.mixture_weights("1,2", [1, 2, 3])
+    with pytest.raises(ValueError, match="non-negative"):
+        pipeline.mixture_weights("1,-1", [1, 2])
+
+
+def test_host_sharding_two_processes_disjoint_and_complete(tmp_path):
+    _dataset(tmp_path, "a", range(24))
+    cfg = _config(tmp_path / "a")
+    per_process = [set(_values(_take(pipeline.build_host_dataset(cfg, batch_size=4, img_size=SIDE, seed=1,
+                                                                 process_index=p, process_count=2), 3)))
+                   for p in (0, 1)]
+    assert len(per_process[0]) == 12 and len(per_process[1]) == 12  # one full local epoch each, no repeats
+    assert per_process[0].isdisjoint(per_process[1])
+    assert per_process[0] | per_process[1] == set(range(24))
+
+
+def test_mixture_of_datasets_from_a_root(tmp_path):
+    _dataset(tmp_path, "big", range(0, 40))
+    _dataset(tmp_path, "small", range(100, 104))
+    cfg = _config(tmp_path, weights="1,1")
+    values = _values(_take(pipeline.build_host_dataset(cfg, batch_size=8, img_size=SIDE, seed=0), 8))
+    small = [v for v in values if v >= 100]
+    assert abs(len(small) - 32) <= 1  # half of 64 despite being 10x smaller: it repeats 8 times
+    assert sorted(set(small)) == [100, 101, 102, 103]
+    assert pipeline.images_per_epoch(cfg) == 44
+
+
+def test_same_seed_same_batches_other_seed_different(tmp_path):
+    _dataset(tmp_path, "a", range(30))
+    cfg = _config(tmp_path / "a", augment="usf_mae")
+    first = _take(pipeline.build_host_dataset(cfg, batch_size=5, img_size=16, seed=7), 4)
+    again = _take(pipeline.build_host_dataset(cfg, batch_size=5, img_size=16, seed=7), 4)
+    other = _take(pipeline.build_host_dataset(cfg, batch_size=5, img_size=16, seed=8), 4)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert first[0]["image"].shape == (5, 16, 16, 1) and first[0]["image"].dtype == np.uint8
+    assert not all(np.array_equal(a["image"], c["image"]) for a, c in zip(first, other))
+
+
+def test_colour_datasets_make_three_channel_batches(tmp_path):
+    _dataset(tmp_path, "gray", range(10))
+    _dataset(tmp_path, "colour", range(50, 60), channels=3)
+    batch = _take(pipeline.build_host_dataset(_config(tmp_path), batch_size=20, img_size=SIDE, seed=0), 1)[0]
+    pixels = {tuple(int(c) for c in image[0, 0]) for image in batch["image"]}
+    assert batch["image"].shape == (20, SIDE, SIDE, 3)
+    assert any(p[0] < 10 for p in pixels) and any(p[0] >= 50 for p in pixels)
+    assert all(p == (p[0], p[0], p[0]) for p in pixels if p[0] < 10)  # grayscale replicated
+    assert all(p == (p[0], p[0] + 1, p[0] + 2) for p in pixels if p[0] >= 50)  # colour kept
+    gray = _take(pipeline.build_host_dataset(_config(tmp_path, channels=1), batch_size=20, img_size=SIDE,
+                                             seed=0), 1)[0]
+    assert gray["image"].shape == (20, SIDE, SIDE, 1)
+
+
+def test_exact_resume_through_orbax(tmp_path):
+    _dataset(tmp_path, "a", range(23))
+    cfg = _config(tmp_path / "a", augment="usf_mae")
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
+
+    def fresh():
+        return pipeline.make_pretrain_iterator(cfg, global_batch_size=4, img_size=16, seed=5, mesh=mesh)
+
+    reference = fresh()
+    expected = [np.asarray(next(reference)["image"]) for _ in range(9)]
+
+    interrupted = fresh()
+    for _ in range(4):
+        next(interrupted)
+    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    state = {"w": jnp.arange(3.0)}
+    manager.save(4, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=grain.checkpoint.CheckpointSave(pipeline.FrozenIteratorState(interrupted.get_state()))))
+    manager.wait_until_finished()
+    next(interrupted)  # the killed run went a bit further before dying
+
+    assert not np.array_equal(expected[0], expected[4])  # a restart without the state would not match
+    resumed = fresh()
+    restored = ocp.CheckpointManager(tmp_path / "ckpt").restore(4, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), data_iter=grain.checkpoint.CheckpointRestore(resumed)))
+    np.testing.assert_array_equal(restored["state"]["w"], np.arange(3.0))
+    for step in range(4, 9):
+        np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), expected[step])
+
+
+def _corrupt_some(folder, bad_positions, keep_header):
+    """Rewrites the dataset's single shard with the records at `bad_positions` damaged."""
+    manifest = writer.read_manifest(folder)
+    path = str(folder / manifest["shards"]["train"][0])
+    good = grain.sources.ArrayRecordDataSource([path])
+    rewritten = [good[i] for i in range(len(good))]
+    for i in bad_positions:
+        rewritten[i] = rewritten[i][:-20] + b"\x00" * 20 if keep_header else b"garbage"
+    out = ArrayRecordWriter(path, writer.ARRAY_RECORD_OPTIONS)
+    for record in rewritten:
+        out.write(record)
+    out.close()
+
+
+def test_corrupt_records_are_logged_and_skipped(tmp_path, caplog):
+    folder = _dataset(tmp_path, "damaged", range(40), per_shard=100)
+    _corrupt_some(folder, [3], keep_header=True)
+    cfg = _config(folder, max_corrupt_fraction=0.05)
+    with caplog.at_level(logging.WARNING, logger="usf_mae_jax.data.pipeline"):
+        values = _values(_take(pipeline.build_host_dataset(cfg, batch_size=13, img_size=SIDE, seed=0), 3))
+    assert sorted(values) == [v for v in range(40) if v != 3]  # one epoch minus the bad record
+    assert "corrupt record skipped" in caplog.text and "damaged/img3.png" in caplog.text
+
+
+def test_too_many_corrupt_records_fail_loudly(tmp_path):
+    folder = _dataset(tmp_path, "rotten", range(40), per_shard=100)
+    _corrupt_some(folder, range(0, 40, 4), keep_header=False)
+    stream = pipeline.build_host_dataset(_config(folder), batch_size=10, img_size=SIDE, seed=0)
+    with pytest.raises(RuntimeError, match=r"records read are corrupt, more than input\.max_corrupt_fraction"):
+        _take(stream, 30)
+
+
+def test_missing_or_unfinished_data_dirs_are_clear_errors(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / ".train-00000.array_record.tmp").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no finished dataset"):
+        pipeline.find_datasets(str(tmp_path / "half"))
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        pipeline.find_datasets(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="data_dirs is empty"):
+        pipeline.find_datasets(" , ")
+
+
+def test_synthetic_source_keeps_working():
+    cfg = _config("", source="synthetic", synthetic_count=12)
+    batches = _take(pipeline.build_host_dataset(cfg, batch_size=4, img_size=16, seed=0), 3)
+    assert batches[0]["image"].shape == (4, 16, 16, 1)
+    assert pipeline.images_per_epoch(cfg) == 12
+
+
+def test_worker_processes_match_threads(tmp_path):
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (jax_stack.md 2b)
+    _dataset(tmp_path, "a", range(20))
+    threads = _take(pipeline.build_host_dataset(_config(tmp_path / "a"), batch_size=4, img_size=SIDE, seed=2), 4)
+    stream = pipeline.build_host_dataset(_config(tmp_path / "a", worker_processes=1), batch_size=4,
+                                         img_size=SIDE, seed=2)
+    iterator = iter(stream)
+    processes = [next(iterator) for _ in range(4)]
+    iterator.close()
+    assert _values(processes) == _values(threads)
