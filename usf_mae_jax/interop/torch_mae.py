@@ -31,6 +31,8 @@ import os
 import re
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -378,8 +380,14 @@ def load_torch_mae(path: str | os.PathLike, norm_pix_loss: bool = False, heads: 
     config = infer_model_config(state_dict, heads=heads, norm_pix_loss=norm_pix_loss)
     params, report = torch_to_flax(state_dict, config, allow_unexpected=allow_unexpected)
     logger.info("loaded %s\n%s", os.fspath(path), format_report(report))
-    model = MaskedAutoencoder(config, rngs=nnx.Rngs(seed))
-    load_params_into(model, mae_params(params))
+    loaded = mae_params(params)
+    if len(flatten(loaded)) == len(mae_param_shapes(config)):
+        # Every parameter is in the checkpoint: skip the random initialisation (seconds for ViT-B on CPU).
+        model = nnx.eval_shape(lambda: MaskedAutoencoder(config, rngs=nnx.Rngs(seed)))
+        loaded = jax.tree.map(jnp.asarray, loaded)
+    else:
+        model = MaskedAutoencoder(config, rngs=nnx.Rngs(seed))
+    load_params_into(model, loaded)
     return model
 
 
