@@ -60,6 +60,13 @@ def main(argv: list[str]) -> None:
         except (ValueError, FileNotFoundError) as err:  # configuration problems, raised before any compile
             sys.exit(f"launch.py: {err}")
         logging.info("pretraining %s at step %d; workdir %s", summary["status"], summary["final_step"], workdir)
+    elif config.mode == "finetune":
+        from usf_mae_jax.train import finetune
+
+        try:
+            finetune.run(config, workdir)
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"launch.py: {err}")
     else:
         sys.exit(f"launch.py: unknown config.mode {config.mode!r}")
 

@@ -1,0 +1,171 @@
+"""The MAE's numerical contract pieces (mae_fidelity.md), each checked against a closed form."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from usf_mae_jax.models import mae, pos_embed, vit
+
+
+def test_pos_embed_matches_closed_form():
+    dim, grid = 16, 3
+    table = pos_embed.sincos_2d(dim, grid)
+    assert table.shape == (1 + grid * grid, dim) and table.dtype == np.float32
+    np.testing.assert_array_equal(table[0], 0.0)  # cls row
+    quarter = dim // 4
+    for row in range(grid):
+        for col in range(grid):
+            vec = table[1 + row * grid + col]
+            for k in range(quarter):
+                w = 1.0 / 10000 ** (k / quarter)
+                # block 0 embeds the column (x), block 1 the row (y); each is [sin..., cos...]
+                np.testing.assert_allclose(vec[k], np.sin(col * w), atol=1e-7)
+                np.testing.assert_allclose(vec[quarter + k], np.cos(col * w), atol=1e-7)
+                np.testing.assert_allclose(vec[2 * quarter + k], np.sin(row * w), atol=1e-7)
+                np.testing.assert_allclose(vec[3 * quarter + k], np.cos(row * w), atol=1e-7)
+
+
+def test_pos_embed_is_not_a_parameter():
+    model = mae.MaskedAutoencoder(vit.model_config("mu", img_size=32, patch_size=8), rngs=nnx.Rngs(0))
+    names = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    assert not any("pos" in jax.tree_util.keystr(p) for p, _ in names)
+
+
+def test_resize_patch_table_keeps_cls_and_identity():
+    table = pos_embed.sincos_2d(32, 4)
+    np.testing.assert_array_equal(pos_embed.resize_patch_table(table, (4, 4)), table)
+    bigger = pos_embed.resize_patch_table(table, (6, 6))
+    assert bigger.shape == (37, 32)
+    np.testing.assert_array_equal(bigger[0], table[0])
+
+
+def test_patchify_order_and_round_trip():
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((2, 8, 12, 3)).astype(np.float32)
+    patches = np.asarray(vit.patchify(jnp.asarray(images), 4))
+    assert patches.shape == (2, 6, 48)
+    # Patch 4 is grid row 1, col 1; its vector is (row-in-patch, col-in-patch, channel), channel fastest.
+    expected = images[1, 4:8, 4:8, :].reshape(-1)
+    np.testing.assert_array_equal(patches[1, 4], expected)
+    np.testing.assert_array_equal(patches[0, 0, :3], images[0, 0, 0, :])
+    np.testing.assert_array_equal(patches[0, 0, 3:6], images[0, 0, 1, :])
+    square = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(vit.unpatchify(vit.patchify(jnp.asarray(square), 4), 4, 3), square)
+
+
+def test_random_masking_with_given_noise():
+    tokens = jnp.arange(2 * 8 * 1, dtype=jnp.float32).reshape(2, 8, 1)
+    noise = jnp.asarray([[0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4],
+                         [0.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]])
+    kept, mask, restore = mae.random_masking(tokens, 0.75, noise)
+    assert kept.shape == (2, 2, 1)  # int(8 * 0.25) = 2
+    np.testing.assert_array_equal(kept[0, :, 0], [1.0, 5.0])  # smallest noise first: ids 1, 5
+    np.testing.assert_array_equal(kept[1, :, 0], [8.0, 15.0])  # ids 0, 7 of sample 1
+    np.testing.assert_array_equal(mask[0], [1, 0, 1, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(mask[1], [0, 1, 1, 1, 1, 1, 1, 0])
+    shuffle = np.argsort(np.asarray(noise), axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(shuffle, np.asarray(restore), 1), np.tile(np.arange(8), (2, 1)))
+
+
+def test_len_keep_is_a_floor():
+    assert mae.num_kept(196, 0.75) == 49
+    assert mae.num_kept(10, 0.75) == 2
+
+
+def test_random_masking_statistics_without_noise():
+    model = mae.MaskedAutoencoder(vit.model_config("mu", img_size=64, patch_size=8), rngs=nnx.Rngs(0))
+    images = jnp.zeros((256, 64, 64, 3))
+    _, _, mask = model(images, 0.75, rng=jax.random.key(3))
+    mask = np.asarray(mask)
+    np.testing.assert_array_equal(mask.sum(axis=1), 64 - 16)  # exactly L - len_keep removed per sample
+    assert len({tuple(row) for row in mask}) == 256  # one independent mask per sample
+    # Every position is removed with probability 0.75 (std over 256 samples ~0.027).
+    frequency = mask.mean(axis=0)
+    assert 0.63 < frequency.min() and frequency.max() < 0.87, frequency
+    _, _, other = model(images, 0.75, rng=jax.random.key(4))
+    assert not np.array_equal(mask, np.asarray(other))  # keys change the masks: no fixed order
+    with pytest.raises(ValueError, match="no fixed-order fallback"):
+        model(images, 0.75)
+
+
+def test_loss_counts_masked_patches_only_and_norm_pix_uses_ddof1():
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+    target = np.asarray(vit.patchify(images, 4))
+    pred = jnp.asarray(rng.standard_normal(target.shape), jnp.float32)
+    mask = jnp.asarray([[1, 0, 0, 1], [0, 0, 1, 0]], jnp.float32)
+    per_patch = ((np.asarray(pred) - target) ** 2).mean(-1)
+    expected = (per_patch * np.asarray(mask)).sum() / 3.0
+    got = mae.masked_patch_loss(images, pred, mask, 4, norm_pix_loss=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # Changing predictions of visible patches must not change the loss.
+    pred_visible_changed = pred.at[0, 1].add(100.0)
+    np.testing.assert_allclose(mae.masked_patch_loss(images, pred_visible_changed, mask, 4, False), got, rtol=1e-6)
+    mean = target.mean(-1, keepdims=True)
+    std = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+    per_patch_norm = ((np.asarray(pred) - (target - mean) / std) ** 2).mean(-1)
+    np.testing.assert_allclose(mae.masked_patch_loss(images, pred, mask, 4, True),
+                               (per_patch_norm * np.asarray(mask)).sum() / 3.0, rtol=1e-5)
+    biased = ((np.asarray(pred) - (target - mean) / np.sqrt(target.var(-1, keepdims=True) + 1e-6)) ** 2).mean(-1)
+    assert abs(float((biased * np.asarray(mask)).sum() / 3.0) - float(got)) > 1e-4
+
+
+def test_initialisation_statistics():
+    cfg = vit.model_config("base", depth=1, decoder_depth=1)
+    model = mae.MaskedAutoencoder(cfg, rngs=nnx.Rngs(0))
+    p, d = cfg.patch_size, cfg.width
+    kernel = np.asarray(model.patch_embed.proj.kernel[...])
+    assert kernel.shape == (p, p, 3, d)
+    # xavier over [D, 3*p*p]: var = 2 / (3*p*p + D); Flax's conv xavier would give 2 / (3*p*p + D*p*p).
+    np.testing.assert_allclose(kernel.var(), 2.0 / (3 * p * p + d), rtol=0.05)
+    qkv = np.asarray(model.blocks_0.attn.qkv.kernel[...])
+    assert qkv.shape == (d, 3 * d)
+    np.testing.assert_allclose(qkv.var(), 2.0 / (d + 3 * d), rtol=0.05)  # xavier over the fused matrix
+    fc1 = np.asarray(model.blocks_0.mlp.fc1.kernel[...])
+    np.testing.assert_allclose(fc1.var(), 2.0 / (d + 4 * d), rtol=0.05)
+    np.testing.assert_array_equal(np.asarray(model.blocks_0.mlp.fc1.bias[...]), 0.0)
+    for token in (model.cls_token[...], model.mask_token[...]):
+        assert abs(float(np.std(token)) - 0.02) < 0.004 and float(np.abs(token).max()) > 0
+    np.testing.assert_array_equal(np.asarray(model.norm.scale[...]), 1.0)
+    assert model.norm.epsilon == 1e-6
+
+
+def test_exact_gelu_is_used():
+    block = vit.Mlp(4, 4, jnp.float32, nnx.Rngs(0))
+    x = jnp.asarray([[0.5, -1.0, 2.0, 0.1]])
+    hidden = block.fc1(x)
+    expected = block.fc2(jax.nn.gelu(hidden, approximate=False))
+    np.testing.assert_allclose(block(x), expected, rtol=0, atol=0)
+    assert not np.allclose(block(x), block.fc2(jax.nn.gelu(hidden, approximate=True)), atol=1e-7)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="img_size 100 is not divisible by patch_size 16"):
+        vit.model_config("base", img_size=100)
+    with pytest.raises(ValueError, match="unknown model variant"):
+        vit.model_config("gigantic")
+    with pytest.raises(ValueError, match="unknown model field"):
+        vit.model_config("base", widht=3)
+    with pytest.raises(ValueError, match=r"open interval \(0, 1\)"):
+        mae.validate_mask_ratio(1.0)
+
+
+def test_encode_shape_and_bf16_compute_keeps_f32_params():
+    cfg = vit.model_config("mu", img_size=32, patch_size=8, dtype="bfloat16")
+    model = mae.MaskedAutoencoder(cfg, rngs=nnx.Rngs(0))
+    assert model.blocks_0.attn.qkv.kernel[...].dtype == jnp.float32
+    x = jnp.ones((2, 32, 32, 3))
+    assert model.encode(x).shape == (2, 17, 32)
+    loss, pred, _ = model(x, 0.75, rng=jax.random.key(0))
+    assert loss.dtype == jnp.float32 and pred.dtype == jnp.float32 and np.isfinite(float(loss))
+
+
+def test_normalize_images_replicates_grayscale():
+    gray = jnp.full((1, 2, 2, 1), 255, jnp.uint8)
+    out = np.asarray(vit.normalize_images(gray, 3))
+    np.testing.assert_allclose(out[0, 0, 0], (1.0 - np.asarray(vit.IMAGENET_MEAN)) / np.asarray(vit.IMAGENET_STD),
+                               rtol=1e-6)
