@@ -1,7 +1,8 @@
 """Command line for checkpoint interop.
 
     python -m usf_mae_jax.interop import --checkpoint X.pth --out DIR [--heads H] [--allow_unexpected]
-    python -m usf_mae_jax.interop export --checkpoint DIR_or_X.pth --out Y.safetensors [--format mae|timm_vit]
+    python -m usf_mae_jax.interop export --checkpoint DIR_or_X.pth --out Y.safetensors
+        [--format mae|timm_vit] [--heads H]
 
 `import` writes an Orbax checkpoint directory that `init_from` accepts (`torch_mae.load_pretrained`):
     DIR/params                  ocp.StandardCheckpointer save of the nested params dict
@@ -46,9 +47,13 @@ def import_checkpoint(checkpoint: str, out: str, heads: int | None = None,
     return report
 
 
-def export_checkpoint(checkpoint: str, out: str, fmt: str = "mae") -> dict[str, np.ndarray]:
-    """Writes the torch keys of an import directory (or a .pth) as safetensors; returns the tensors."""
-    params, config, _ = torch_mae.load_pretrained(checkpoint)
+def export_checkpoint(checkpoint: str, out: str, fmt: str = "mae", heads: int | None = None
+                      ) -> dict[str, np.ndarray]:
+    """Writes the torch keys of an import directory (or a .pth) as safetensors; returns the tensors.
+
+    `heads` only matters for a .pth source: it is recorded in the file's metadata.
+    """
+    params, config, _ = torch_mae.load_pretrained(checkpoint, heads=heads)
     tensors = torch_mae.flax_to_torch(params, config, fmt)
     metadata = {"format": fmt, "model_config": json.dumps(dataclasses.asdict(config))}
     torch_pickle.write_safetensors(out, tensors, metadata)
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     exporter.add_argument("--checkpoint", required=True)
     exporter.add_argument("--out", required=True)
     exporter.add_argument("--format", choices=torch_mae.EXPORT_FORMATS, default="mae")
+    exporter.add_argument("--heads", type=int, default=None, help="encoder heads of a .pth source")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(torch_mae.format_report(report))
         print(f"wrote {os.path.abspath(args.out)} in {time.perf_counter() - start:.2f} s")
     else:
-        tensors = export_checkpoint(args.checkpoint, args.out, args.format)
+        tensors = export_checkpoint(args.checkpoint, args.out, args.format, args.heads)
         print(f"exported {len(tensors)} tensors in {args.format} format: {', '.join(sorted(tensors)[:6])}, ...")
         print(f"wrote {args.out} in {time.perf_counter() - start:.2f} s")
     return 0

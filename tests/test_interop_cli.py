@@ -1,0 +1,101 @@
+"""`python -m usf_mae_jax.interop import/export` on a small checkpoint built here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch_reference import build_reference_mae
+
+from usf_mae_jax.interop import __main__ as cli
+from usf_mae_jax.interop import torch_mae, torch_pickle
+
+ARCH = dict(img_size=32, patch_size=8, in_chans=3, width=32, depth=2, heads=4, decoder_width=32,
+            decoder_depth=1, decoder_heads=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A perturbed mu-width MAE with 4 heads (not the preset's 2), saved as a training checkpoint."""
+    torch.manual_seed(0)
+    model = build_reference_mae(**ARCH)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "pos_embed" not in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "mae.pth"
+    torch.save({"model": model.state_dict(), "epoch": 7}, path)
+    return path, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def test_import_writes_orbax_dir_that_load_pretrained_reads(tmp_path, checkpoint, capsys):
+    path, state_dict = checkpoint
+    out = tmp_path / "imported"
+    assert cli.main(["import", "--checkpoint", str(path), "--out", str(out), "--heads", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "verified (2): decoder_pos_embed, pos_embed" in printed and "unexpected (0)" in printed
+    assert "wrote" in printed and " s" in printed
+    assert sorted(os.listdir(out)) == ["conversion_report.json", "model_config.json", "params"]
+    saved_config = json.loads((out / "model_config.json").read_text())
+    assert (saved_config["heads"], saved_config["width"], saved_config["depth"]) == (4, 32, 2)
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["source"] == str(path) and report["missing"] == [] and len(report["used"]) == len(state_dict) - 2
+
+    params, config, _ = torch_mae.load_pretrained(out)
+    expected, _ = torch_mae.torch_to_flax(state_dict, config)
+    flat, flat_expected = torch_mae.flatten(params), torch_mae.flatten(expected)
+    assert flat.keys() == flat_expected.keys()
+    assert all(np.array_equal(flat[p], flat_expected[p]) for p in flat)
+    with pytest.raises(FileExistsError, match="already exists"):
+        cli.main(["import", "--checkpoint", str(path), "--out", str(out)])
+
+
+def test_export_round_trips_to_the_original_keys(tmp_path, checkpoint):
+    path, state_dict = checkpoint
+    out = tmp_path / "imported"
+    cli.main(["import", "--checkpoint", str(path), "--out", str(out), "--heads", "4"])
+    mae_file = tmp_path / "mae.safetensors"
+    assert cli.main(["export", "--checkpoint", str(out), "--out", str(mae_file)]) == 0
+    tensors, metadata = torch_pickle.read_safetensors(mae_file)
+    assert sorted(tensors) == sorted(state_dict)
+    assert all(np.array_equal(tensors[k], v) for k, v in state_dict.items())
+    assert metadata["format"] == "mae" and json.loads(metadata["model_config"])["heads"] == 4
+    # Our own export records the heads, so re-importing it needs no --heads.
+    _, config, _ = torch_mae.load_pretrained(mae_file)
+    assert config.heads == 4
+
+    timm_file = tmp_path / "timm.safetensors"
+    cli.main(["export", "--checkpoint", str(path), "--out", str(timm_file), "--format", "timm_vit",
+              "--heads", "4"])
+    tensors, metadata = torch_pickle.read_safetensors(timm_file)
+    assert metadata["format"] == "timm_vit" and json.loads(metadata["model_config"])["heads"] == 4
+    encoder_keys = {k for k in state_dict if not k.startswith(("decoder", "mask_token"))}
+    assert set(tensors) == encoder_keys
+
+
+def test_cli_errors_are_clear(tmp_path, checkpoint):
+    _, state_dict = checkpoint
+    with_extra = tmp_path / "extra.pth"
+    torch.save({**{k: torch.from_numpy(v) for k, v in state_dict.items()}, "dist_token": torch.zeros(1, 1, 32)},
+               with_extra)
+    with pytest.raises(torch_mae.UnexpectedKeysError, match="dist_token"):
+        cli.main(["import", "--checkpoint", str(with_extra), "--out", str(tmp_path / "a")])
+    cli.main(["import", "--checkpoint", str(with_extra), "--out", str(tmp_path / "b"), "--allow_unexpected"])
+    report = json.loads((tmp_path / "b" / "conversion_report.json").read_text())
+    assert report["unexpected"] == ["dist_token"]
+    with pytest.raises(FileNotFoundError, match=r"no model_config\.json"):
+        torch_mae.load_pretrained(tmp_path)
+
+
+def test_module_entry_point(tmp_path, checkpoint):
+    path, _ = checkpoint
+    result = subprocess.run([sys.executable, "-m", "usf_mae_jax.interop", "export", "--checkpoint", str(path),
+                             "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=False)
+    assert result.returncode == 0, result.stderr
+    assert "exported" in result.stdout and (tmp_path / "x.safetensors").is_file()
