@@ -354,6 +354,9 @@ def _sources(input_cfg: Any, img_size: int) -> tuple[list[Any], list[str], list[
 def build_host_dataset(input_cfg: Any, *, batch_size: int, img_size: int, seed: int, process_index: int = 0,
                        process_count: int = 1, with_labels: bool = False) -> grain.IterDataset:
     """This process's stream of uint8 batches {'image': (batch_size, img_size, img_size, C)} (module doc)."""
+    # One OpenCV thread per grain thread or worker: OpenCV's own pool would oversubscribe the cores that grain
+    # already keeps busy (measured on 2 cores: usf_mae augmentation 0.44 -> 0.36 ms of CPU per image).
+    cv2.setNumThreads(1)
     sources, names, sizes, data_channels = _sources(input_cfg, img_size)
     channels = int(input_cfg.get("channels", 0)) or data_channels
     if channels not in (1, 3):

@@ -24,7 +24,7 @@ Layout of format version 1 (all integers little-endian)::
 Grayscale stays one channel on disk and after `decode` (shape (H, W, 1)); replicating it to three channels is
 the device's job when the model has `in_chans=3` (DESIGN.md, "Batches"). Colour images decode as RGB
 (H, W, 3). `decode_header` reads the metadata without touching the pixels, which is what the corrupt-record
-log and the dataset statistics need.
+log and the dataset statistics need; `image_bytes` returns the PNG payload alone.
 
 A change to the layout bumps `FORMAT_VERSION`; `decode` keeps reading every older version it knows and rejects
 newer ones with a clear error instead of guessing.
@@ -118,6 +118,11 @@ def _split(record: bytes) -> tuple[dict[str, Any], memoryview]:
 def decode_header(record: bytes) -> dict[str, Any]:
     """The metadata of a record (every field but the image), without decoding the PNG."""
     return _split(record)[0]
+
+
+def image_bytes(record: bytes) -> bytes:
+    """The record's PNG payload, for readers that decode it themselves (e.g. the PIL baseline benchmark)."""
+    return bytes(_split(record)[1])
 
 
 def decode(record: bytes) -> dict[str, Any]:
