@@ -229,3 +229,14 @@ def test_worker_processes_match_threads(tmp_path):
     processes = [next(iterator) for _ in range(4)]
     iterator.close()
     assert _values(processes) == _values(threads)
+
+
+def test_bench_prints_images_per_s_last(tmp_path, capsys):
+    from usf_mae_jax.data import bench
+
+    _dataset(tmp_path, "a", range(12))
+    assert bench.main(["--data_dir", str(tmp_path), "--augment", "usf_mae", "--batch_size", "4", "--steps", "2",
+                       "--img_size", "16", "--threads", "1", "--baseline", "pil"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("images_per_s=") and float(lines[-1].split("=")[1]) > 0
+    assert any(line.startswith("ratio grain / pil = ") for line in lines)
