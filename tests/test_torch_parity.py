@@ -298,6 +298,15 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert naive_marker.exists() and not marker.exists()
 
 
+def test_out_of_bounds_tensor_view_is_refused():
+    storage = torch_pickle.Storage(np.dtype(np.float32), 4, lambda: np.arange(4, dtype=np.float32).tobytes())
+    assert np.array_equal(torch_pickle.TensorRef(storage, 1, (3,), (1,)).numpy(), [1.0, 2.0, 3.0])
+    with pytest.raises(torch_pickle.CheckpointFormatError, match="runs past its storage"):
+        torch_pickle.TensorRef(storage, 1, (4,), (1,)).numpy()
+    with pytest.raises(torch_pickle.CheckpointFormatError, match="runs past its storage"):
+        torch_pickle.TensorRef(storage, 3, (2,), (-1,)).numpy()
+
+
 def test_training_checkpoint_extras_are_ignored(tmp_path, mu_reference):
     import argparse
 
@@ -306,6 +315,8 @@ def test_training_checkpoint_extras_are_ignored(tmp_path, mu_reference):
                            args=argparse.Namespace(lr=1e-4, output_dir="x"), epoch=99)
     state_dict = torch_mae.load_torch_state_dict(path)
     assert sorted(state_dict) == sorted(mu_reference.state_dict())
+    wrapped = save_checkpoint(tmp_path / "ddp.pth", {f"module.{k}": v for k, v in mu_reference.state_dict().items()})
+    assert sorted(torch_mae.load_torch_state_dict(wrapped)) == sorted(mu_reference.state_dict())
     torch.save({"epoch": 1, "args": argparse.Namespace(a=1)}, tmp_path / "no_model.pth")
     with pytest.raises(torch_pickle.CheckpointFormatError, match=r"no_model\.pth: not a state dict"):
         torch_mae.load_torch_state_dict(tmp_path / "no_model.pth")

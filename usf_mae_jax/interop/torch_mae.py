@@ -75,7 +75,11 @@ def _read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     if not_tensors:
         raise torch_pickle.CheckpointFormatError(
             f"{path}: not a state dict (entries {not_tensors[:8]} are not tensors) and no 'model' entry")
-    return {str(k): v.numpy() for k, v in obj.items()}, {}
+    state_dict = {str(k): v.numpy() for k, v in obj.items()}
+    if all(k.startswith("module.") for k in state_dict):  # saved from a DistributedDataParallel wrapper
+        logger.info("%s: stripping the 'module.' prefix of every key", path)
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    return state_dict, {}
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

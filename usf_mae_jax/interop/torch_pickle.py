@@ -101,7 +101,8 @@ class TensorRef:
             return np.zeros(self.shape, dtype)
         flat = self.storage.array()
         last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
-        if self.offset < 0 or last >= flat.size:
+        # Bounds-check before `as_strided`, which would otherwise read outside the storage.
+        if self.offset < 0 or last >= flat.size or min(self.shape) < 0 or min(self.stride, default=0) < 0:
             raise CheckpointFormatError(f"tensor view {self.shape} at offset {self.offset} runs past its "
                                         f"storage of {flat.size} elements")
         view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.shape,
