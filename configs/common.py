@@ -73,6 +73,7 @@ def input_block(**fields) -> ml_collections.ConfigDict:
         "data_dirs": "",  # comma-separated dataset folders, or roots holding dataset folders
         "weights": "",  # comma-separated per-dataset mixture weights; '' = proportional to size
         "augment": "usf_mae",  # usf_mae | mae | eval | none
+        "channels": 0,  # host image channels: 0 = auto (3 if any dataset is colour, else 1), or force 1 / 3
         "synthetic_count": 1024,
         "synthetic_seed": 0,
         "num_threads": 2,  # grain read threads per process
