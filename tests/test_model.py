@@ -43,6 +43,18 @@ def test_resize_patch_table_keeps_cls_and_identity():
     np.testing.assert_array_equal(bigger[0], table[0])
 
 
+@pytest.mark.parametrize("new_grid", [(24, 24), (7, 7), (14, 10)])
+def test_resize_patch_table_matches_torch_bicubic(new_grid):
+    torch = pytest.importorskip("torch")
+    table = pos_embed.sincos_2d(64, 14) + np.random.default_rng(0).normal(0, 0.1, (197, 64)).astype(np.float32)
+    grid = torch.from_numpy(table[1:]).reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    expected = expected.permute(0, 2, 3, 1).reshape(-1, 64).numpy()
+    resized = pos_embed.resize_patch_table(table, new_grid)
+    np.testing.assert_array_equal(resized[0], table[0])
+    np.testing.assert_allclose(resized[1:], expected, atol=2e-6)
+
+
 def test_patchify_order_and_round_trip():
     rng = np.random.default_rng(0)
     images = rng.standard_normal((2, 8, 12, 3)).astype(np.float32)

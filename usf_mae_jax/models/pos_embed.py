@@ -49,15 +49,37 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int | None = None, cls_token: bool 
     return table
 
 
+def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel with a = -0.75, the coefficient PyTorch's bicubic uses."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def _bicubic_axis(values: np.ndarray, out_len: int, axis: int) -> np.ndarray:
+    """Resizes one axis like torch.nn.functional.interpolate(mode='bicubic', align_corners=False)."""
+    in_len = values.shape[axis]
+    src = (np.arange(out_len) + 0.5) * (in_len / out_len) - 0.5  # no clamping of negatives for cubic
+    base = np.floor(src).astype(np.int64)
+    frac = src - base
+    out = 0.0
+    for offset, weight in ((-1, _cubic(frac + 1)), (0, _cubic(frac)), (1, _cubic(1 - frac)), (2, _cubic(2 - frac))):
+        taps = np.take(values, np.clip(base + offset, 0, in_len - 1), axis=axis)  # border taps are clamped
+        shape = [1] * values.ndim
+        shape[axis] = out_len
+        out = out + taps * weight.reshape(shape)
+    return out
+
+
 def resize_patch_table(table: np.ndarray, new_grid: tuple[int, int], num_prefix: int = 1) -> np.ndarray:
     """Resizes a (prefix + h*w, D) position table to a new patch grid by bicubic interpolation.
 
-    Mirrors the reference fine-tune code (`interpolate_pos_embed`): the prefix rows (cls) are kept as they are
-    and the patch rows are reshaped to a square grid and resized bicubically. This lets a checkpoint trained
-    at 224 px fine-tune at 384 or 512 px.
+    Mirrors the reference fine-tune code (`interpolate_pos_embed`, which calls torch's bicubic interpolate with
+    align_corners=False): the prefix rows (cls) are kept as they are, and the patch rows are reshaped to their
+    square grid and resized with the same cubic kernel (a = -0.75), the same source-pixel mapping and the same
+    clamped borders, without antialiasing. This lets a checkpoint trained at 224 px fine-tune at 384 or 512 px.
     """
-    import jax  # local import: this module is otherwise pure NumPy
-
     table = np.asarray(table, np.float32)
     prefix, patches = table[:num_prefix], table[num_prefix:]
     side = int(round(np.sqrt(patches.shape[0])))
@@ -65,6 +87,6 @@ def resize_patch_table(table: np.ndarray, new_grid: tuple[int, int], num_prefix:
         raise ValueError(f"position table with {patches.shape[0]} patch rows is not a square grid")
     if (side, side) == tuple(new_grid):
         return table
-    grid = patches.reshape(side, side, -1)
-    resized = jax.image.resize(grid, (*new_grid, grid.shape[-1]), method="bicubic")
-    return np.concatenate([prefix, np.asarray(resized).reshape(-1, grid.shape[-1])], axis=0)
+    grid = patches.reshape(side, side, -1).astype(np.float64)
+    resized = _bicubic_axis(_bicubic_axis(grid, new_grid[0], 0), new_grid[1], 1)
+    return np.concatenate([prefix, resized.reshape(-1, grid.shape[-1]).astype(np.float32)], axis=0)
