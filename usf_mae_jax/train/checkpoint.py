@@ -94,8 +94,14 @@ class Checkpointer:
         """Restores the newest restorable step onto `abstract_state`'s shardings; None if there is none."""
         for step in reversed(self.steps()):
             items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if iterator is not None and os.path.isdir(os.path.join(self.directory, str(step), "data_iter")):
+            data_file = os.path.join(self.directory, str(step), "data_iter",
+                                     f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            if iterator is not None and os.path.exists(data_file):
                 items["data_iter"] = grain.checkpoint.CheckpointRestore(_IteratorRestoreTarget(iterator))
+            elif iterator is not None:
+                log.warning("checkpoint step %d has no data position for %d processes (it was written by another "
+                            "process count); restoring the train state only, the data order restarts", step,
+                            jax.process_count())
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except (FileNotFoundError, ValueError, KeyError, OSError) as err:

@@ -26,7 +26,7 @@ from configs import common
 from usf_mae_jax.data import pipeline
 from usf_mae_jax.models.mae import validate_mask_ratio
 from usf_mae_jax.train import checkpoint, optim, reporting, sharding
-from usf_mae_jax.train.state import VIS_STREAM, build_model_config, create_train_setup
+from usf_mae_jax.train.state import VIS_STREAM, build_model_config, compile_step, create_train_setup
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,19 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _PreemptionFlag:
-    """Set by SIGTERM; the loop checks it at step boundaries."""
+    """Set by SIGTERM in a single-process run; the loop checks it at step boundaries.
+
+    With several processes, JAX's distributed runtime owns SIGTERM: its preemption service makes every process
+    agree on one step, which orbax's `reached_preemption(step)` reports, so no Python handler is installed.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. inside some test runners): no handler
@@ -155,9 +161,10 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts)
     ckpt.check_compatible(setup.abstract_state["params"])
     write_config(workdir, config, model_config, plan)
-    log.info("model %s: %s params; mesh %s; plan %s", config.model.variant,
-             f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state['params'])):,}",
-             dict(mesh.shape), plan)
+    if jax.process_index() == 0:
+        log.info("model %s: %s params; mesh %s; plan %s", config.model.variant,
+                 f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state['params'])):,}",
+                 dict(mesh.shape), plan)
 
     data = pipeline.make_pretrain_iterator(config.input, global_batch_size=config.batch_size,
                                            img_size=model_config.img_size, seed=config.seed, mesh=mesh)
@@ -172,6 +179,13 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
             state, decoder_loaded = _apply_init_from(state, setup, config.init_from)
             decoder_fresh = not decoder_loaded
 
+    batch = next(data) if start_step < plan["total_steps"] else None
+    train_step = setup.train_step
+    if batch is not None:
+        train_step, memory = compile_step(setup.train_step, state, batch)
+        if jax.process_index() == 0:
+            log.info("compiled train step; memory per device (MiB): %s",
+                     {k: round(v, 1) for k, v in memory.items()})
     writer = reporting.MetricWriter(workdir)
     progress = reporting.Progress(start_step, plan["total_steps"])
     vis_fn = jax.jit(lambda params, images, key: reporting.reconstruction_panels(
@@ -200,8 +214,9 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     try:
         with _PreemptionFlag() as preemption:
             for step in range(start_step, plan["total_steps"]):
-                batch = next(data)
-                state, metrics = setup.train_step(state, batch)
+                if step > start_step:
+                    batch = next(data)
+                state, metrics = train_step(state, batch)
                 if pending is not None:
                     absorb(*pending)
                 pending = (step + 1, metrics)

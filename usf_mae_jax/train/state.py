@@ -70,8 +70,12 @@ def create_train_setup(model_config: vit.ModelConfig, opt_cfg: Any, mesh: Mesh, 
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
-    abstract_state = jax.eval_shape(init_state)
-    state_shardings = sharding.tree_shardings(abstract_state, mesh, fsdp_min_size)
+    shapes = jax.eval_shape(init_state)
+    state_shardings = sharding.tree_shardings(shapes, mesh, fsdp_min_size)
+    # Abstract arrays that carry their target sharding: restoring onto them reshards a checkpoint written on
+    # any other mesh (or number of processes) into this run's layout.
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                                  state_shardings)
     init = jax.jit(init_state, out_shardings=state_shardings)
     step_fn = make_train_step(graphdef, model_config, tx, schedule, seed=seed, mask_ratio=mask_ratio,
                               grad_accum_steps=grad_accum_steps)
@@ -113,3 +117,36 @@ def make_train_step(graphdef, model_config: vit.ModelConfig, tx, schedule, *, se
         return new_state, metrics
 
     return train_step
+
+
+class DeviceMemoryError(ValueError):
+    """The compiled step needs more memory per device than the device has."""
+
+
+def compile_step(train_step, state: dict, batch: dict) -> tuple[Any, dict[str, float]]:
+    """Ahead-of-time compiles the step and checks its memory per device before step 1.
+
+    Returns the compiled step and a report in MiB: arguments (params, optimizer state, batch), outputs,
+    temporaries, and the device's limit when the runtime reports one (GPUs and TPUs do; the CPU does not).
+    """
+    compiled = train_step.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    mib = 2.0**20
+    report = {}
+    if memory is not None:
+        report = {"arguments_mib": memory.argument_size_in_bytes / mib,
+                  "outputs_mib": memory.output_size_in_bytes / mib,
+                  "temp_mib": memory.temp_size_in_bytes / mib,
+                  "aliased_mib": memory.alias_size_in_bytes / mib}
+        report["total_mib"] = (report["arguments_mib"] + report["outputs_mib"] + report["temp_mib"]
+                               - report["aliased_mib"])
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats and report:
+        report["device_limit_mib"] = stats["bytes_limit"] / mib
+        if report["total_mib"] > report["device_limit_mib"]:
+            raise DeviceMemoryError(
+                f"the train step needs {report['total_mib']:,.0f} MiB per device but "
+                f"{jax.local_devices()[0].device_kind} has {report['device_limit_mib']:,.0f} MiB: shard the params "
+                f"and optimizer state with --config.mesh.fsdp=N, lower batch_size (with grad_accum_steps to keep "
+                f"the effective batch), or use --config.model.dtype=bfloat16")
+    return compiled, report
