@@ -1,0 +1,306 @@
+"""Fine-tuning and linear probing on a synthetic BUS-BRA-layout benchmark (data_prep.benchmarks.mock).
+
+The fast tests use a 12-patient tree at 32 px and the `runlocal` preset (mu model, a few steps); they check
+the plumbing: files, split membership, provenance, init from a pretraining workdir and from a `.pth`, the
+position-table resize, the loss against torch and the mixing rules. The learning smoke tests are
+`@pytest.mark.slow` and carry their CPU budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs import finetune as finetune_config
+from configs import pretrain as pretrain_config
+from data_prep.benchmarks import convert, load_split, mock
+from usf_mae_jax.models import pos_embed
+from usf_mae_jax.train import checkpoint, downstream, finetune, metrics
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("busbra")
+    mock.write_busbra_tree(str(root / "raw"), patients=12, size=32, seed=1)
+    convert("busbra", str(root / "raw"), str(root / "out"))
+    return str(root / "out")
+
+
+def local_config(data_dir: str, arg: str = "busbra,runlocal", **fields):
+    config = finetune_config.get_config(arg)
+    config.input.data_dir = data_dir
+    for key, value in fields.items():
+        node = config
+        *path, last = key.split("__")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_config_presets_and_recipe_values():
+    full = finetune_config.get_config("busbra,mode=full,fold=3,img_size=384,epochs=50")
+    assert (full.mode, full.method, full.dataset, full.fold) == ("finetune", "full", "busbra", 3)
+    assert full.model.img_size == 384 and full.total_epochs == 50.0
+    assert full.model.drop_path == 0.1 and full.label_smoothing == 0.1 and full.warmup_epochs == 5.0
+    assert (full.optimizer.b1, full.optimizer.b2, full.optimizer.weight_decay) == (0.9, 0.999, 0.05)
+    assert full.optimizer.blr == 5e-4 and full.optimizer.min_lr == 1e-6 and full.init is None
+    assert full.mixup.mixup_alpha == 0.0 and full.mixup.cutmix_alpha == 0.0 and full.class_balance == "none"
+    linear = finetune_config.get_config("dataset=gist514,mode=linear,variant=raw")
+    assert (linear.dataset, linear.variant, linear.fold) == ("gist514", "raw", None)
+    assert (linear.optimizer.name, linear.optimizer.blr, linear.optimizer.weight_decay) == ("lars", 0.1, 0.0)
+    assert (linear.total_epochs, linear.warmup_epochs, linear.model.global_pool) == (90.0, 10.0, False)
+    with pytest.raises(ValueError, match="unknown fine-tune dataset 'imagenet'"):
+        finetune_config.get_config("imagenet")
+    with pytest.raises(ValueError, match="unknown mode 'half'"):
+        finetune_config.get_config("busbra,mode=half")
+    with pytest.raises(AttributeError):
+        full.lock().optimizer.learning_rat = 1.0  # locked: a typo is an error
+
+
+def test_layer_decay_default_follows_model_width():
+    from usf_mae_jax.models import vit
+
+    opt = finetune_config.get_config("busbra").optimizer
+    assert downstream.layer_decay_for(opt, vit.model_config("base")) == 0.65
+    assert downstream.layer_decay_for(opt, vit.model_config("large")) == 0.75
+    opt.layer_decay = 0.5
+    assert downstream.layer_decay_for(opt, vit.model_config("large")) == 0.5
+
+
+# ------------------------------------------------------------------------------------------ loss, mixing
+
+
+def test_weighted_cross_entropy_matches_torch():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 2, 1, 2])
+    weights = downstream.class_loss_weights(np.array([0, 0, 0, 1, 2, 2]), 3)
+    np.testing.assert_allclose(weights, [6 / 9, 2.0, 1.0], rtol=1e-6)  # N / (C * n_c)
+    hard = finetune.soft_targets(jnp.asarray(labels), 3, 0.0)
+    ours = finetune.weighted_cross_entropy(jnp.asarray(logits), hard, jnp.asarray(weights))
+    torch_logits, torch_labels = torch.tensor(logits), torch.tensor(labels)
+    theirs = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights))(torch_logits, torch_labels)
+    np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
+    soft = finetune.soft_targets(jnp.asarray(labels), 3, 0.1)
+    smoothed = finetune.weighted_cross_entropy(jnp.asarray(logits), soft, jnp.ones(3))
+    reference = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch_logits, torch_labels)
+    np.testing.assert_allclose(float(smoothed), float(reference), rtol=1e-5)
+
+
+def test_mixing_is_off_by_default_and_convex_when_on():
+    config = finetune_config.get_config("busbra")
+    images = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    targets = finetune.soft_targets(jnp.array([0, 0, 1, 1]), 2, 0.0)  # each row's partner has the other label
+    same_images, same_targets = finetune.mix_batch(images, targets, jax.random.key(1), config.mixup)
+    assert same_images is images and same_targets is targets
+    def mixed_with(mix_cfg, seed):  # one compiled call: far cheaper than op-by-op dispatch on CPU
+        return jax.jit(lambda x, t: finetune.mix_batch(x, t, jax.random.key(seed), mix_cfg))(images, targets)
+
+    config.mixup.mixup_alpha = 0.8
+    mixed, mixed_targets = mixed_with(config.mixup, 1)
+    lam = float(mixed_targets[0, 0])
+    assert 0.0 < lam < 1.0
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[::-1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)
+    config.mixup.update(mixup_alpha=0.0, cutmix_alpha=1.0)
+    cut, cut_targets = mixed_with(config.mixup, 2)
+    pasted = np.asarray(jnp.any(cut != images, axis=(0, 3)))  # pixels taken from the partner
+    assert 0.0 < pasted.mean() < 1.0
+    np.testing.assert_allclose(float(cut_targets[0, 0]), 1 - pasted.mean(), rtol=1e-6)
+
+
+def test_epoch_indices_are_seeded_and_balanced_sampling_equalises_classes():
+    first = downstream.epoch_indices(10, 3, 4, seed=0, epoch=2)
+    np.testing.assert_array_equal(first, downstream.epoch_indices(10, 3, 4, seed=0, epoch=2))
+    assert not np.array_equal(first, downstream.epoch_indices(10, 3, 4, seed=0, epoch=3))
+    assert len(set(first.reshape(-1)[:10].tolist())) == 10  # a permutation first
+    labels = np.array([0] * 90 + [1] * 10)
+    probs = downstream.class_probabilities(labels, 2)
+    np.testing.assert_allclose([probs[labels == 0].sum(), probs[labels == 1].sum()], [0.5, 0.5])
+    drawn = downstream.epoch_indices(100, 50, 40, 0, 0, probs)
+    assert 0.45 < labels[drawn].mean() < 0.55
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def test_runlocal_writes_results_membership_and_a_reusable_checkpoint(bench, tmp_path):
+    workdir = str(tmp_path / "run")
+    summary = finetune.run(local_config(bench), workdir)
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert list(results) == list(metrics.RESULT_KEYS)
+    assert results["split"] == "busbra/folddefault/test" and os.path.isfile(f"{workdir}/confusion_matrix.png")
+    with open(os.path.join(workdir, "splits.json")) as f:
+        splits = json.load(f)
+    for split in ("train", "validation", "test"):
+        assert splits[split]["ids"] == load_split(bench, "busbra", split, fold=1).ids
+    assert results["n_test"] == len(splits["test"]["ids"])
+    assert not set(splits["test"]["ids"]) & set(splits["train"]["ids"])
+    with open(os.path.join(workdir, "provenance.json")) as f:
+        assert json.load(f) == {"init": None, "kind": "random", "pretraining_manifests": []}
+    assert summary["steps"] == len(splits["train"]["ids"]) // 8  # one epoch of batch 8
+    params, fields = checkpoint.load_init_params(workdir)  # the best state, usable as an init
+    assert fields["width"] == 32 and params["pos_embed"].shape == (1 + 16, 32) and "head" in params
+    with pytest.raises(ValueError, match="already holds a fine-tune run"):
+        finetune.run(local_config(bench), workdir)
+
+
+def test_bad_data_dir_and_fold_fail_clearly(bench, tmp_path):
+    with pytest.raises(ValueError, match=r"input\.data_dir is empty"):
+        finetune.run(local_config(""), str(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError, match="no converted mmotu"):
+        finetune.run(local_config(bench, "mmotu,runlocal"), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="has no fold 9"):
+        finetune.run(local_config(bench, fold=9), str(tmp_path / "c"))
+
+
+def test_init_from_pretraining_workdir_resizes_the_position_table(bench, tmp_path):
+    from usf_mae_jax.train import pretrain
+
+    pre = str(tmp_path / "pretrain")
+    pretrain.train(pretrain_config.get_config("demo,runlocal"), pre)  # mu, 32 px, patch 8, 4 steps
+    pretrained, _ = checkpoint.load_init_params(pre)
+    workdir = str(tmp_path / "ft")
+    config = local_config(bench, init=pre, model__img_size=48, total_epochs=None, total_steps=1)
+    config.model.depth = None  # the architecture comes from the init
+    finetune.run(config, workdir)
+    with open(os.path.join(workdir, "provenance.json")) as f:
+        provenance = json.load(f)
+    assert provenance["kind"] == "workdir" and provenance["init"] == os.path.abspath(pre)
+    assert provenance["pretraining_config"]["input_source"] == "synthetic"
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["resolved_model"]["img_size"] == 48
+    tuned, _ = checkpoint.load_init_params(workdir)
+    assert tuned["pos_embed"].shape == (1 + 36, 32)  # 6x6 grid at 48 px, learned
+    expected = pos_embed.resize_patch_table(pos_embed.sincos_2d(32, 4), (6, 6))
+    # one step at warmup lr 0 (warmup_steps=1) leaves every weight at its initial value
+    np.testing.assert_allclose(tuned["pos_embed"], expected, atol=1e-6)
+    np.testing.assert_allclose(tuned["blocks_0"]["attn"]["qkv"]["kernel"],
+                               pretrained["blocks_0"]["attn"]["qkv"]["kernel"], atol=1e-7)
+
+
+def test_init_from_pth_loads_the_reference_weights(bench, tmp_path):
+    from torch_reference import build_reference_mae
+
+    torch.manual_seed(0)
+    reference = build_reference_mae(img_size=32, patch_size=8, in_chans=3, width=32, depth=1, heads=2,
+                                    decoder_width=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=False)
+    path = str(tmp_path / "mae.pth")
+    torch.save({"model": reference.state_dict()}, path)
+    workdir = str(tmp_path / "ft")
+    config = local_config(bench, init=path, total_epochs=None, total_steps=1)
+    config.model.depth = None
+    finetune.run(config, workdir)
+    with open(os.path.join(workdir, "provenance.json")) as f:
+        provenance = json.load(f)
+    assert provenance["kind"] == "torch_file" and len(provenance["sha256"]) == 64
+    tuned, fields = checkpoint.load_init_params(workdir)
+    assert fields["depth"] == 1
+    weight = reference.state_dict()["patch_embed.proj.weight"].numpy()
+    kernel = tuned["patch_embed"]["proj"]["kernel"]
+    np.testing.assert_allclose(kernel, weight.transpose(2, 3, 1, 0), atol=1e-7)
+
+
+def test_architecture_conflict_with_init_is_an_error(bench, tmp_path):
+    from torch_reference import build_reference_mae
+
+    reference = build_reference_mae(img_size=32, patch_size=8, in_chans=3, width=32, depth=1, heads=2,
+                                    decoder_width=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=False)
+    path = str(tmp_path / "mae.pth")
+    torch.save({"model": reference.state_dict()}, path)
+    config = local_config(bench, init=path)  # runlocal sets depth=2, the checkpoint has 1
+    with pytest.raises(ValueError, match=r"another architecture.*'depth': \(2, 1\)"):
+        finetune.run(config, str(tmp_path / "ft"))
+
+
+def test_linear_probe_runlocal_caches_features(bench, tmp_path):
+    workdir = str(tmp_path / "lin")
+    summary = finetune.run(local_config(bench, "busbra,mode=linear,runlocal"), workdir)
+    cached = np.load(os.path.join(workdir, "features.npz"))
+    test_ids = load_split(bench, "busbra", "test", fold=1).ids
+    assert cached["test_features"].shape == (len(test_ids), 32)
+    assert cached["test_ids"].tolist() == test_ids
+    assert summary["results"]["n_test"] == len(test_ids)
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert set(json.load(f)) == set(metrics.RESULT_KEYS)
+
+
+# ------------------------------------------------------------------------------------- learning (slow)
+
+# Budget for the learning smoke tests, on the 2 shared CPU cores this project is developed on: the full
+# fine-tune of a 4-block, 64-wide ViT on ~900 synthetic images at 64 px (45 epochs) takes about 4-6 minutes
+# there; the linear probe on top of it about 30 s. The asserts leave room for a loaded machine.
+FULL_BUDGET_S = 900
+LINEAR_BUDGET_S = 180
+SMOKE_MODEL = dict(variant="mu", img_size=64, patch_size=8, width=64, heads=4, depth=4, global_pool=False,
+                   drop_path=0.0)
+
+
+@pytest.fixture(scope="module")
+def lesion_bench(tmp_path_factory):
+    """600 patients (~900 images) at 64 px: lesions are a few patches wide, as at 224 px in real data."""
+    root = tmp_path_factory.mktemp("lesions")
+    mock.write_busbra_tree(str(root / "raw"), patients=600, size=64, seed=0)
+    convert("busbra", str(root / "raw"), str(root / "out"))
+    return str(root / "out")
+
+
+@pytest.fixture(scope="module")
+def full_run(lesion_bench, tmp_path_factory):
+    config = finetune_config.get_config("busbra,mode=full,fold=1,epochs=45")
+    config.input.data_dir = lesion_bench
+    config.model.update(SMOKE_MODEL)
+    config.input.update(augment="flip_crop", crop_scale_min=0.8)
+    config.optimizer.update(lr=2e-3, layer_decay=1.0)  # from scratch: no pretrained lower layers to protect
+    config.update(batch_size=64, eval_batch_size=128, warmup_epochs=3.0, class_balance="loss", log_steps=50)
+    workdir = str(tmp_path_factory.mktemp("full") / "run")
+    started = time.perf_counter()
+    summary = finetune.run(config, workdir)
+    return workdir, summary, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_full_finetune_from_scratch_learns_the_lesions(full_run):
+    workdir, summary, seconds = full_run
+    print(f"full fine-tune: test macro-F1 {summary['results']['f1_macro']:.3f}, {seconds:.0f} s wall, "
+          f"{summary['images_per_s']:.0f} training images/s")
+    assert seconds < FULL_BUDGET_S
+    assert summary["results"]["f1_macro"] >= 0.9
+    with open(os.path.join(workdir, "history.json")) as f:
+        history = json.load(f)
+    assert history["best_validation_f1"] == max(h["f1_macro"] for h in history["history"])
+
+
+@pytest.mark.slow
+def test_linear_probe_on_the_finetuned_encoder(full_run, lesion_bench, tmp_path):
+    """The probe trains only BN + Linear on frozen cached features; its init is the fine-tune workdir."""
+    full_workdir, _, _ = full_run
+    config = finetune_config.get_config("busbra,mode=linear,fold=1")
+    config.update(init=full_workdir, eval_batch_size=128)
+    config.input.data_dir = lesion_bench
+    config.model.update(img_size=64, global_pool=False)
+    # LARS moves a weight by about lr * 0.001 * |w| per step (trust ratio), so the reference lr (blr 0.1 at
+    # batch 16384 -> 6.4) needs its thousands of steps; a ~600-image train split gives 3 steps per epoch.
+    config.optimizer.lr = 50.0
+    started = time.perf_counter()
+    summary = finetune.run(config, str(tmp_path / "lin"))
+    seconds = time.perf_counter() - started
+    print(f"linear probe: test macro-F1 {summary['results']['f1_macro']:.3f}, {seconds:.0f} s wall, "
+          f"features at {summary['images_per_s']:.0f} images/s")
+    assert seconds < LINEAR_BUDGET_S
+    assert summary["results"]["f1_macro"] >= 0.9
+    tuned, _ = checkpoint.load_init_params(full_workdir)
+    cached = np.load(str(tmp_path / "lin" / "features.npz"))
+    assert cached["train_features"].shape[1] == tuned["norm"]["scale"].shape[0] == 64
