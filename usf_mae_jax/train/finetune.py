@@ -26,6 +26,7 @@ per-epoch validation metrics. A workdir that already holds a finished run is ref
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -315,7 +316,7 @@ def run(config: Any, workdir: str) -> dict:
         summary = linear_probe.train_linear(config, workdir, data, init)
     if jax.process_index() == 0:
         metrics.write_results(workdir, summary["results"], data.class_names)
-    downstream.write_json(os.path.join(workdir, "history.json"), {
-        k: summary[k] for k in ("history", "best_epoch", "best_validation_f1", "seconds", "images_per_s",
-                                "steps")})
+    timing = {k: summary[k] for k in ("best_epoch", "best_validation_f1", "seconds", "images_per_s", "steps")}
+    timing = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in timing.items()}
+    downstream.write_json(os.path.join(workdir, "history.json"), {"history": summary["history"], **timing})
     return summary
