@@ -133,11 +133,16 @@ def load_init_params(path: str) -> tuple[dict, dict | None]:
         params, model_config, _ = torch_mae.load_pretrained(path)
         return params, _asdict(model_config)
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        manager = ocp.CheckpointManager(os.path.join(os.path.abspath(path), "checkpoints"))
+        manager = Checkpointer(path).manager
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{path} is a workdir without any complete checkpoint")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        # Restore onto this host's first device: the checkpoint may come from another mesh or process count.
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+                              manager.item_metadata(step)["state"])
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        manager.close()
         params = jax.tree.map(np.asarray, restored["state"]["params"])
         config_path = os.path.join(path, "config.json")
         fields = None
