@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import pretrain as pretrain_configs  # noqa: E402
-from usf_mae_jax.data import pipeline  # noqa: E402
-from usf_mae_jax.train import pretrain, sharding, state  # noqa: E402
+from configs import pretrain as pretrain_configs
+from usf_mae_jax.data import pipeline
+from usf_mae_jax.train import pretrain, sharding, state
 
 
 def tiny_config() -> ml_collections.ConfigDict:

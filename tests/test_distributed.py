@@ -12,7 +12,6 @@ import time
 import numpy as np
 import portpicker
 import pytest
-
 from conftest import CACHE_DIR, ROOT
 
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
@@ -47,7 +46,7 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
 
 def test_each_process_reads_disjoint_data(tmp_path):
     run_processes("disjoint", str(tmp_path), nproc=2, devices_per_process=4)
-    rows = [set(json.load(open(tmp_path / f"rows_{pid}.json"))) for pid in range(2)]
+    rows = [set(json.loads((tmp_path / f"rows_{pid}.json").read_text())) for pid in range(2)]
     assert len(rows[0]) == len(rows[1]) == 12  # 3 batches x 4 rows per process, no repeats within an epoch
     assert not rows[0] & rows[1]
 
