@@ -97,12 +97,14 @@ def test_resume_after_crash_and_after_sigterm_is_exact(tmp_path, interrupt_after
 def test_incompatible_workdir_fails_before_compiling(tmp_path):
     workdir = str(tmp_path / "run")
     pretrain.train(tiny_config(total_steps=2), workdir)
-    saved = json.load(open(os.path.join(workdir, "config.json")))
+    config_path = tmp_path / "run" / "config.json"
+    saved = json.loads(config_path.read_text())
     assert saved["resolved_model"]["width"] == 32 and saved["resolved_plan"]["total_steps"] == 2
-    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"blocks_0/attn/qkv/kernel: checkpoint \(32, 96\)"):
+    expected = r"blocks_0/attn/qkv/kernel: checkpoint \(32, 96\), config \(64, 192\)"
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=expected):
         pretrain.train(tiny_config(**{"model.width": 64}), workdir)
     # The failed attempt did not overwrite the workdir's config.
-    assert json.load(open(os.path.join(workdir, "config.json")))["resolved_model"]["width"] == 32
+    assert json.loads(config_path.read_text())["resolved_model"]["width"] == 32
 
 
 def test_errors_are_clear_and_early(tmp_path):
@@ -119,7 +121,7 @@ def test_every_preset_builds(arg):
     config = pretrain_configs.get_config(arg)
     config.lock()
     model_config = state.build_model_config(config.model)
-    graphdef, abstract = state.abstract_params(model_config)
+    _, abstract = state.abstract_params(model_config)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
     if "large" in arg:
         assert model_config.width == 1024 and model_config.depth == 24 and count > 300e6
@@ -196,7 +198,8 @@ def test_eight_device_step_equals_one_device_step(python_runner):
         assert len(jax.devices()) == 8
         np.testing.assert_allclose(l1, l8, rtol=1e-5); np.testing.assert_allclose(l1, lf, rtol=1e-5)
         for a, b, c in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), jax.tree.leaves(pf)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6); np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
         assert any("fsdp" in s for s in specs), specs
         try:
             cfg = cfgs.get_config("demo,runlocal"); cfg.batch_size = 12
