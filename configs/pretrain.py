@@ -95,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.batch_size:
         c.batch_size = args.batch_size
     if args.runlocal:
-        c.model.update(variant="mu", img_size=32, patch_size=8, dtype="float32")
+        c.model.update(variant="mu", img_size=32, patch_size=8, dtype="float32", width=None, depth=None, heads=None,
+                       decoder_width=None, decoder_depth=None, decoder_heads=None)
         c.input.update(source="synthetic", synthetic_count=64, augment="none")
         c.batch_size = 8
         for field in ("total_epochs", "warmup_epochs", "warmup_fraction", "warmup_steps"):
