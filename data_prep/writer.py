@@ -101,7 +101,8 @@ def _describe(task: Any) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (the manifest's source hashes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -159,7 +160,7 @@ def _process_task(job: tuple[Any, Callable, str, int, bool]) -> _TaskResult:
     file_hash = None
     if path is not None and encoded:
         try:
-            file_hash = _file_sha256(path)
+            file_hash = file_sha256(path)
         except OSError as e:
             skipped.append({"input": _describe(task), "reason": f"could not hash the file: {e}"})
     return _TaskResult(encoded, skipped, file_hash)

@@ -77,4 +77,4 @@ def test_clipping_and_gradient_accumulation():
     assert float(jnp.abs(updates["w"]).max()) > 0  # the second applies the averaged update
     # Adam's first moment saw the accumulated gradient clipped to global norm 1: mu = (1 - b1) * g_clipped.
     mu = optax.tree_utils.tree_get(state, "mu")
-    assert float(optax.global_norm(mu)) == pytest.approx(0.1, rel=1e-5)
+    assert float(optax.tree.norm(mu)) == pytest.approx(0.1, rel=1e-5)

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep.benchmarks import common
+from data_prep.writer import file_sha256
 
 CONVERTER_VERSION = "1.0.0"
 DEFAULT_MAX_SIDE = 512  # DESIGN.md, "Shards": converters cap the longest side so decoding stays cheap
@@ -180,7 +181,7 @@ def prepare(builder: BenchmarkBuilder, overwrite: bool = False) -> dict:
         },
         "skipped": plan.skipped + builder.failed,
         "warnings": plan.warnings,
-        "source_hashes": {rel: common.file_sha256(os.path.join(plan.root, rel)) for rel in plan.metadata_files},
+        "source_hashes": {rel: file_sha256(os.path.join(plan.root, rel)) for rel in plan.metadata_files},
         "seconds": round(time.time() - start, 2),
         "status": "converted",
     }

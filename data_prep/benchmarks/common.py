@@ -10,7 +10,6 @@ which end up in the manifest.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -129,14 +128,6 @@ def encode_png(image: np.ndarray) -> bytes:
     if not ok:
         raise ValueError(f"PNG encoding failed for an image of shape {image.shape}")
     return buffer.tobytes()
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def stratified_holdout(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str], fraction: float,

@@ -75,13 +75,6 @@ class ViTClassifier(vit.ViTEncoderBase):
                                bias_init=nnx.initializers.zeros_init(), dtype=dtype,
                                param_dtype=jnp.float32, rngs=rngs)
 
-    def _check_images(self, images: jax.Array) -> None:
-        c = self.config
-        expected = (c.img_size, c.img_size, c.in_chans)
-        if tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (N, {c.img_size}, {c.img_size}, {c.in_chans}), "
-                             f"got {tuple(images.shape)}")
-
     def forward_features(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """(N, D) float32 features: pooled patch tokens after `fc_norm`, or the cls token after `norm`."""
         self._check_images(images)

@@ -97,13 +97,6 @@ class MaskedAutoencoder(vit.ViTEncoderBase):
     def decoder_blocks(self) -> list[vit.Block]:
         return [getattr(self, f"decoder_blocks_{j}") for j in range(self.config.decoder_depth)]
 
-    def _check_images(self, images: jax.Array) -> None:
-        c = self.config
-        expected = (c.img_size, c.img_size, c.in_chans)
-        if tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (N, {c.img_size}, {c.img_size}, {c.in_chans}), "
-                             f"got {tuple(images.shape)}")
-
     def _patch_tokens(self, images: jax.Array) -> jax.Array:
         """Patch embedding plus the position table without its cls row, added *before* masking."""
         table = pos_embed.sincos_2d(self.config.width, self.config.grid)

@@ -326,6 +326,13 @@ class ViTEncoderBase(nnx.Module):
             setattr(self, f"blocks_{i}", Block(config.width, config.heads, config.mlp_ratio, dtype, rngs,
                                                config.attention, float(rates[i])))
 
+    def _check_images(self, images: jax.Array) -> None:
+        c = self.config
+        expected = (c.img_size, c.img_size, c.in_chans)
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (N, {c.img_size}, {c.img_size}, {c.in_chans}), "
+                             f"got {tuple(images.shape)}")
+
     def encoder_blocks(self) -> list[Block]:
         return [getattr(self, f"blocks_{i}") for i in range(self.config.depth)]
 

@@ -18,7 +18,6 @@ prediction, the initialisation (with its provenance) and the audit files written
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data_prep.writer import file_sha256
 from usf_mae_jax.data import augment
 from usf_mae_jax.models import vit
 from usf_mae_jax.train import checkpoint, sharding
@@ -218,14 +218,6 @@ class InitInfo:
     provenance: dict
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifests_under(folder: str) -> list[str]:
     """manifest.json files of `folder` and of its dataset sub-folders (the layout data_prep writes)."""
     if os.path.isfile(os.path.join(folder, "manifest.json")):
@@ -237,7 +229,7 @@ def _manifests_under(folder: str) -> list[str]:
 
 
 def _manifest_summary(path: str) -> dict:
-    entry = {"path": os.path.abspath(path), "sha256": _sha256(path)}
+    entry = {"path": os.path.abspath(path), "sha256": file_sha256(path)}
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -258,7 +250,7 @@ def init_provenance(path: str | None) -> dict:
         return {"init": None, "kind": "random", "pretraining_manifests": []}
     record: dict[str, Any] = {"init": os.path.abspath(path), "pretraining_manifests": []}
     if os.path.isfile(path):
-        record.update(kind="torch_file", sha256=_sha256(path))
+        record.update(kind="torch_file", sha256=file_sha256(path))
         return record
     if os.path.isdir(os.path.join(path, "checkpoints")):
         record["kind"] = "workdir"

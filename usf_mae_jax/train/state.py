@@ -105,7 +105,7 @@ def make_train_step(graphdef, model_config: vit.ModelConfig, tx, schedule, *, se
         images = vit.normalize_images(batch["image"], model_config.in_chans)
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], images,
                                                   jax.random.fold_in(key, MASK_STREAM))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
