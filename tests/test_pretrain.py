@@ -212,3 +212,42 @@ def test_eight_device_step_equals_one_device_step(python_runner):
     """, devices=8)
     assert "global batch size 12 is not divisible by the data-parallel size 8" in out
     assert "LOSSES" in out
+
+
+def test_init_from_a_torch_checkpoint_loads_weights_only(tmp_path):
+    """`init_from` with a reference-format .pth (as USF-MAE continues from ImageNet MAE): every tensor is
+    loaded, the optimizer starts fresh at step 0, and an encoder-only file keeps a fresh decoder."""
+    torch = pytest.importorskip("torch")
+    from torch_reference import build_reference_mae
+
+    from usf_mae_jax.interop import torch_mae
+
+    torch.manual_seed(0)
+    reference = build_reference_mae(img_size=32, patch_size=8, in_chans=3, width=32, depth=1, heads=2,
+                                    decoder_width=32, decoder_depth=1, decoder_heads=2)
+    with torch.no_grad():
+        for tensor in reference.parameters():
+            if tensor.requires_grad:
+                tensor.add_(0.05 * torch.randn_like(tensor))
+    state_dict = reference.state_dict()
+    full, encoder_only = str(tmp_path / "full.pth"), str(tmp_path / "encoder.pth")
+    torch.save({"model": state_dict, "epoch": 99}, full)
+    torch.save({"model": {k: v for k, v in state_dict.items() if not k.startswith(("decoder", "mask_token"))}},
+               encoder_only)
+    expected, _ = torch_mae.torch_to_flax(torch_mae.load_torch_state_dict(full),
+                                          torch_mae.infer_model_config(torch_mae.load_torch_state_dict(full)))
+
+    # lr 0: AdamW (decay included) leaves the params where init_from put them.
+    summary = pretrain.train(tiny_config(init_from=full, total_steps=1, **{"optimizer.lr": 0.0}),
+                             str(tmp_path / "run"))
+    assert summary["start_step"] == 0 and summary["final_step"] == 1
+    assert_trees_equal(params_of(summary), expected)
+
+    fresh = pretrain.train(tiny_config(total_steps=1, **{"optimizer.lr": 0.0}), str(tmp_path / "fresh"))
+    partial = pretrain.train(tiny_config(init_from=encoder_only, total_steps=1, vis_steps=1,
+                                         **{"optimizer.lr": 0.0}), str(tmp_path / "partial"))
+    got = params_of(partial)
+    np.testing.assert_array_equal(got["blocks_0"]["attn"]["qkv"]["kernel"],
+                                  expected["blocks_0"]["attn"]["qkv"]["kernel"])
+    np.testing.assert_array_equal(got["decoder_pred"]["kernel"], params_of(fresh)["decoder_pred"]["kernel"])
+    assert os.path.exists(tmp_path / "partial" / "vis" / "step_0000001.png")
