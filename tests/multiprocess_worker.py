@@ -43,7 +43,7 @@ def run_steps(out: str) -> None:
     setup = state.create_train_setup(model_config, config.optimizer, mesh, seed=0, mask_ratio=0.75, peak_lr=1e-3,
                                      total_updates=10, warmup_updates=1, fsdp_min_size=64)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1), dtype=np.uint8)
-    batch_sharding = pipeline.batch_sharding(mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
     train_state = setup.init()
     for _ in range(3):
         batch = {"image": jax.make_array_from_callback(images.shape, batch_sharding, lambda idx: images[idx])}

@@ -120,7 +120,6 @@ def test_fsdp_divides_parameter_memory_per_device(python_runner):
         import jax, numpy as np
         from configs import pretrain as cfgs
         from usf_mae_jax.train import sharding, state
-        from usf_mae_jax.data.pipeline import batch_sharding
         config = cfgs.get_config("usf_mae,variant=large")
         config.model.update(img_size=32, depth=2, dtype="float32")
         sizes = {}
@@ -128,7 +127,7 @@ def test_fsdp_divides_parameter_memory_per_device(python_runner):
             mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}))
             setup = state.create_train_setup(state.build_model_config(config.model), config.optimizer, mesh, seed=0,
                                              mask_ratio=0.75, peak_lr=1e-3, total_updates=10, warmup_updates=1)
-            batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 1), np.uint8, sharding=batch_sharding(mesh))}
+            batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 1), np.uint8, sharding=sharding.batch_sharding(mesh))}
             _, report = state.compile_step(setup.train_step, setup.abstract_state, batch)
             sizes[fsdp] = report["arguments_mib"]
         print("ARGS", sizes[1], sizes[8])

@@ -168,7 +168,6 @@ def test_eight_device_step_equals_one_device_step(python_runner):
         import jax, numpy as np
         from configs import pretrain as cfgs
         from usf_mae_jax.train import state, sharding
-        from usf_mae_jax.data.pipeline import batch_sharding
         import ml_collections
         jax.config.update("jax_threefry_partitionable", True)
         config = cfgs.get_config("demo,runlocal")
@@ -186,7 +185,7 @@ def test_eight_device_step_equals_one_device_step(python_runner):
             st = setup.init()
             losses = []
             for _ in range(3):
-                batch = {"image": jax.device_put(images, batch_sharding(mesh))}
+                batch = {"image": jax.device_put(images, sharding.batch_sharding(mesh))}
                 st, metrics = setup.train_step(st, batch)
                 losses.append(float(metrics["loss"]))
             specs = {str(s.spec) for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, st["params"]))}

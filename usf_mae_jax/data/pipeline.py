@@ -51,11 +51,11 @@ import cv2
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from usf_mae_jax.data import augment, records, synthetic
+from usf_mae_jax.train import sharding
 
-BATCH_AXES = ("data", "fsdp")
 MANIFEST_NAME = "manifest.json"
 MIN_RECORDS_FOR_CORRUPT_CHECK = 100  # do not fail a run on 1 bad record among the first 10
 _LOGGED_CORRUPT_IN_FULL = 20
@@ -324,10 +324,6 @@ def local_batch_size(global_batch_size: int) -> int:
     return global_batch_size // count
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-
-
 @functools.lru_cache(maxsize=4)
 def _synthetic_images(count: int, size: int, seed: int) -> np.ndarray:
     images, _ = synthetic.SyntheticUltrasound(count, size, seed=seed, lesion_fraction=0.5).materialize()
@@ -394,7 +390,7 @@ class GlobalBatchIterator:
     def __init__(self, dataset: grain.IterDataset, mesh: Mesh, prefetch: int = 2,
                  description: dict[str, Any] | None = None):
         self._iterator = iter(dataset)
-        self._sharding = batch_sharding(mesh)
+        self._sharding = sharding.batch_sharding(mesh)
         self._prefetch = max(1, prefetch)
         self._queue: collections.deque = collections.deque()
         self._description = description or {}

@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from data_prep.writer import file_sha256
 from usf_mae_jax.data import augment
@@ -162,7 +162,7 @@ class BatchMaker:
 
     def __init__(self, mesh: Mesh, img_size: int, channels: int, num_threads: int = 2):
         self.mesh = mesh
-        self.sharding = NamedSharding(mesh, PartitionSpec(sharding.MESH_AXES))
+        self.sharding = sharding.batch_sharding(mesh)
         self.img_size, self.channels = img_size, channels
         self._pool = ThreadPoolExecutor(max(1, num_threads))  # OpenCV releases the GIL
 

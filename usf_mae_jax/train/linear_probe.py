@@ -123,7 +123,7 @@ def train_linear(config: Any, workdir: str, data: downstream.BenchmarkData,
         model.eval()
         return jax.nn.softmax(model(x))
 
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.MESH_AXES))
+    batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
     predict_fn = jax.jit(predict, out_shardings=replicated)
     rows = downstream.local_rows(config.batch_size)

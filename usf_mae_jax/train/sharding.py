@@ -68,6 +68,11 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, min_size: int) -> Any:
                         abstract_tree)
 
 
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches split along their first dimension over both mesh axes."""
+    return NamedSharding(mesh, PartitionSpec(MESH_AXES))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

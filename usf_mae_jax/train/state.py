@@ -79,8 +79,7 @@ def create_train_setup(model_config: vit.ModelConfig, opt_cfg: Any, mesh: Mesh, 
     init = jax.jit(init_state, out_shardings=state_shardings)
     step_fn = make_train_step(graphdef, model_config, tx, schedule, seed=seed, mask_ratio=mask_ratio,
                               grad_accum_steps=grad_accum_steps)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.MESH_AXES))
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, {"image": batch_sharding}),
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, {"image": sharding.batch_sharding(mesh)}),
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     return TrainSetup(model_config, mesh, graphdef, tx, schedule, abstract_state, state_shardings, init,
                       train_step)
