@@ -13,6 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from usf_mae_jax import host_memory
+
 config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file, optionally :preset,args.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and images go (default: runs/<mode>_<preset>).")
@@ -49,6 +51,7 @@ def main(argv: list[str]) -> None:
     workdir = FLAGS.workdir or os.path.join("runs", f"{config.mode}_{config.get('preset', 'custom')}")
     if jax.process_index() == 0:
         logging.info("distributed: %s; %s", how, distributed.describe())
+        logging.info("%s", host_memory.status())
     if config.mode == "pretrain":
         from usf_mae_jax.train import pretrain
 
@@ -72,4 +75,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_page_malloc()  # XLA:CPU scratch memory without per-step page faults
     app.run(main, flags_parser=parse_flags)

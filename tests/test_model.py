@@ -107,20 +107,21 @@ def test_random_masking_statistics_without_noise():
 def test_loss_counts_masked_patches_only_and_norm_pix_uses_ddof1():
     rng = np.random.default_rng(1)
     images = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
-    target = np.asarray(vit.patchify(images, 4))
+    patches = vit.patchify(images, 4)
+    target = np.asarray(patches)
     pred = jnp.asarray(rng.standard_normal(target.shape), jnp.float32)
     mask = jnp.asarray([[1, 0, 0, 1], [0, 0, 1, 0]], jnp.float32)
     per_patch = ((np.asarray(pred) - target) ** 2).mean(-1)
     expected = (per_patch * np.asarray(mask)).sum() / 3.0
-    got = mae.masked_patch_loss(images, pred, mask, 4, norm_pix_loss=False)
+    got = mae.masked_patch_loss(patches, pred, mask, norm_pix_loss=False)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     # Changing predictions of visible patches must not change the loss.
     pred_visible_changed = pred.at[0, 1].add(100.0)
-    np.testing.assert_allclose(mae.masked_patch_loss(images, pred_visible_changed, mask, 4, False), got, rtol=1e-6)
+    np.testing.assert_allclose(mae.masked_patch_loss(patches, pred_visible_changed, mask, False), got, rtol=1e-6)
     mean = target.mean(-1, keepdims=True)
     std = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
     per_patch_norm = ((np.asarray(pred) - (target - mean) / std) ** 2).mean(-1)
-    np.testing.assert_allclose(mae.masked_patch_loss(images, pred, mask, 4, True),
+    np.testing.assert_allclose(mae.masked_patch_loss(patches, pred, mask, True),
                                (per_patch_norm * np.asarray(mask)).sum() / 3.0, rtol=1e-5)
     biased = ((np.asarray(pred) - (target - mean) / np.sqrt(target.var(-1, keepdims=True) + 1e-6)) ** 2).mean(-1)
     assert abs(float((biased * np.asarray(mask)).sum() / 3.0) - float(got)) > 1e-4
@@ -181,3 +182,32 @@ def test_normalize_images_replicates_grayscale():
     out = np.asarray(vit.normalize_images(gray, 3))
     np.testing.assert_allclose(out[0, 0, 0], (1.0 - np.asarray(vit.IMAGENET_MEAN)) / np.asarray(vit.IMAGENET_STD),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, channels, in_chans", [(np.uint8, 3, 3), (np.uint8, 1, 3), (np.float32, 3, 3),
+                                                       (np.uint8, 1, 1)])
+def test_normalized_patches_equals_normalize_then_patchify(dtype, channels, in_chans):
+    rng = np.random.default_rng(7)
+    if dtype == np.uint8:
+        images = jnp.asarray(rng.integers(0, 256, (2, 16, 16, channels), dtype=np.uint8))
+    else:
+        images = jnp.asarray(rng.random((2, 16, 16, channels), dtype=np.float32))
+    expected = vit.patchify(vit.normalize_images(images, in_chans), 4)
+    got = jax.jit(vit.normalized_patches, static_argnums=(1, 2))(images, 4, in_chans)
+    assert got.shape == (2, 16, 16 * in_chans) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)  # <= 1 ulp apart
+    with pytest.raises(ValueError, match="2 channels but the model expects 3"):
+        vit.normalized_patches(images[..., :1].repeat(2, -1), 4, 3)
+
+
+def test_forward_patches_is_the_image_forward_and_checks_shapes():
+    cfg = vit.model_config("mu", img_size=16, patch_size=4)
+    model = mae.MaskedAutoencoder(cfg, rngs=nnx.Rngs(0))
+    images = jnp.asarray(np.random.default_rng(8).standard_normal((2, 16, 16, 3)), jnp.float32)
+    noise = jax.random.uniform(jax.random.key(1), (2, 16))
+    from_images = model(images, 0.75, noise=noise)
+    from_patches = model.forward_patches(vit.patchify(images, 4), 0.75, noise=noise)
+    for a, b in zip(from_images, from_patches):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"patches must have shape \(N, 16, 48\), got \(2, 16, 16\)"):
+        model.forward_patches(jnp.zeros((2, 16, 16)), 0.75, noise=noise)

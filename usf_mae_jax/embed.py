@@ -31,6 +31,8 @@ from collections.abc import Iterator
 import numpy as np
 from absl import app, flags
 
+from usf_mae_jax import host_memory
+
 flags.DEFINE_string("init", None, "Pretrained weights: workdir, interop import dir or .pth/.pt/.safetensors.")
 flags.DEFINE_string("data_dir", None,
                     "A converted benchmark dir, or shard folder(s) from data_prep (comma-separated).")
@@ -209,4 +211,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_page_malloc()
     app.run(main)

@@ -58,14 +58,14 @@ def random_masking(tokens: jax.Array, mask_ratio: float, noise: jax.Array):
     return x_masked, mask, ids_restore
 
 
-def masked_patch_loss(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int,
-                      norm_pix_loss: bool) -> jax.Array:
+def masked_patch_loss(target: jax.Array, pred: jax.Array, mask: jax.Array, norm_pix_loss: bool) -> jax.Array:
     """Mean squared error over the removed patches only, in float32.
 
-    With `norm_pix_loss`, each target patch is standardised by its own mean and *unbiased* variance
-    (torch's `var` default, ddof=1), plus 1e-6 inside the square root, as the reference does.
+    `target` holds the (N, L, p*p*C) patch vectors of the network input (`vit.patchify` order), the same array
+    the patch embedding consumes. With `norm_pix_loss`, each target patch is standardised by its own mean and
+    *unbiased* variance (torch's `var` default, ddof=1), plus 1e-6 inside the square root, as the reference does.
     """
-    target = vit.patchify(images.astype(jnp.float32), patch_size)
+    target = target.astype(jnp.float32)
     if norm_pix_loss:
         mean = target.mean(axis=-1, keepdims=True)
         var = target.var(axis=-1, ddof=1, keepdims=True)
@@ -97,10 +97,10 @@ class MaskedAutoencoder(vit.ViTEncoderBase):
     def decoder_blocks(self) -> list[vit.Block]:
         return [getattr(self, f"decoder_blocks_{j}") for j in range(self.config.decoder_depth)]
 
-    def _patch_tokens(self, images: jax.Array) -> jax.Array:
+    def _patch_tokens(self, patches: jax.Array) -> jax.Array:
         """Patch embedding plus the position table without its cls row, added *before* masking."""
         table = pos_embed.sincos_2d(self.config.width, self.config.grid)
-        return self.patch_embed(images) + jnp.asarray(table[1:], self.config.compute_dtype)
+        return self.patch_embed.embed_patches(patches) + jnp.asarray(table[1:], self.config.compute_dtype)
 
     def _with_cls(self, tokens: jax.Array) -> jax.Array:
         # The table's cls row is all zeros, so the cls token enters as it is.
@@ -108,7 +108,10 @@ class MaskedAutoencoder(vit.ViTEncoderBase):
         return jnp.concatenate([cls, tokens], axis=1)
 
     def forward_encoder(self, images: jax.Array, mask_ratio: float, noise: jax.Array):
-        tokens, mask, ids_restore = random_masking(self._patch_tokens(images), mask_ratio, noise)
+        return self._encode_patches(vit.patchify(images, self.config.patch_size), mask_ratio, noise)
+
+    def _encode_patches(self, patches: jax.Array, mask_ratio: float, noise: jax.Array):
+        tokens, mask, ids_restore = random_masking(self._patch_tokens(patches), mask_ratio, noise)
         x = self.run_blocks(self.encoder_blocks(), self._with_cls(tokens))
         return self.norm(x), mask, ids_restore
 
@@ -129,19 +132,33 @@ class MaskedAutoencoder(vit.ViTEncoderBase):
                  rng: jax.Array | None = None):
         """Returns (loss, pred, mask). Give either `noise` (N, L) or an `rng` key to draw it from."""
         self._check_images(images)
+        return self.forward_patches(vit.patchify(images, self.config.patch_size), mask_ratio, noise=noise, rng=rng)
+
+    def forward_patches(self, patches: jax.Array, mask_ratio: float = 0.75, *, noise: jax.Array | None = None,
+                        rng: jax.Array | None = None):
+        """`__call__` on images already patchified (`vit.patchify`, or `vit.normalized_patches` from uint8).
+
+        The one patch array feeds both the patch embedding and the loss target, as the reference's
+        `patch_embed` conv and `patchify` read the same pixels; the train step passes it straight from uint8.
+        """
+        c = self.config
+        expected = (c.num_patches, c.patch_size**2 * c.in_chans)
+        if tuple(patches.shape[1:]) != expected:
+            raise ValueError(f"patches must have shape (N, {expected[0]}, {expected[1]}), got {tuple(patches.shape)}")
         validate_mask_ratio(mask_ratio)
         if noise is None:
             if rng is None:
                 raise ValueError("random masking needs either `noise` or an `rng` key; "
                                  "there is no fixed-order fallback")
-            noise = jax.random.uniform(rng, (images.shape[0], self.config.num_patches), jnp.float32)
-        latent, mask, ids_restore = self.forward_encoder(images, mask_ratio, noise)
+            noise = jax.random.uniform(rng, (patches.shape[0], c.num_patches), jnp.float32)
+        latent, mask, ids_restore = self._encode_patches(patches, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = masked_patch_loss(images, pred, mask, self.config.patch_size, self.config.norm_pix_loss)
+        loss = masked_patch_loss(patches, pred, mask, c.norm_pix_loss)
         return loss, pred.astype(jnp.float32), mask
 
     def encode(self, images: jax.Array) -> jax.Array:
         """Encoder features of every patch, unmasked: (N, 1 + L, D) after the final norm."""
         self._check_images(images)
-        x = self.run_blocks(self.encoder_blocks(), self._with_cls(self._patch_tokens(images)))
+        patches = vit.patchify(images, self.config.patch_size)
+        x = self.run_blocks(self.encoder_blocks(), self._with_cls(self._patch_tokens(patches)))
         return self.norm(x).astype(jnp.float32)

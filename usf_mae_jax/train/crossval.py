@@ -21,6 +21,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from usf_mae_jax import host_memory
+
 config_flags.DEFINE_config_file("config", "configs/finetune.py",
                                 "Fine-tune config file, optionally :preset,args.", lock_config=True)
 flags.DEFINE_string("folds", "",
@@ -105,4 +107,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_page_malloc()
     app.run(main)

@@ -93,16 +93,16 @@ def make_train_step(graphdef, model_config: vit.ModelConfig, tx, schedule, *, se
     raises the `nonfinite` flag; the loop stops with the step number and the last good checkpoint intact.
     """
 
-    def loss_fn(params, images, key):
+    def loss_fn(params, patches, key):
         model = nnx.merge(graphdef, params)
-        loss, _, _ = model(images, mask_ratio, rng=key)
+        loss, _, _ = model.forward_patches(patches, mask_ratio, rng=key)
         return loss
 
     def train_step(state, batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(seed), step)
-        images = vit.normalize_images(batch["image"], model_config.in_chans)
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], images,
+        patches = vit.normalized_patches(batch["image"], model_config.patch_size, model_config.in_chans)
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], patches,
                                                   jax.random.fold_in(key, MASK_STREAM))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
