@@ -7,20 +7,19 @@ It times the full jitted train step (forward, backward, AdamW update, donated st
 after compiling and warming up, over all local devices (data parallel, or FSDP with --fsdp), and reports the
 median over `--rounds` rounds of `--steps` steps. FLOPs come from XLA's cost analysis of the compiled step. MFU
 is reported against the device's peak dense bf16 FLOP/s from PEAK_BF16_TFLOPS. `--torch` also times the
-plain-PyTorch reference MAE (tests/torch_reference.py, same architecture, torch.optim.AdamW) in the same
-process, the two taking turns in every round; `jax_over_torch` is the median of the per-round speed ratios.
+plain-PyTorch reference MAE (tests/torch_reference.py, same architecture, torch.optim.AdamW) in a worker
+process (`usf_mae_jax/torch_bench.py`), the two taking turns in every round; `jax_over_torch` is the median of
+the per-round speed ratios.
 
 Run as a module, it first re-executes itself with glibc's transparent-huge-page tunable where that helps
-(`usf_mae_jax/host_memory.py`; the `host_malloc=` line says what applied). The torch reference runs in the same
-process, under the same setting, which does not change its speed.
+(`usf_mae_jax/host_memory.py`; the `host_malloc=` line says what applied). The torch worker inherits the same
+environment; the setting does not change the torch step's speed (it reuses its memory).
 
 The last line is machine-parseable: `images_per_s=<float>`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import jax
@@ -30,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from usf_mae_jax import host_memory
+from usf_mae_jax.torch_bench import TorchProcess, minor_faults
 from usf_mae_jax.train import sharding
 from usf_mae_jax.train.state import build_model_config, create_train_setup
 
@@ -83,13 +83,15 @@ class JaxStep:
         self.compile_s = time.perf_counter() - start
         self.metrics = None
 
-    def run(self, steps: int) -> float:
-        """Runs `steps` steps and returns the wall time, waiting for the device at the end only."""
+    def run(self, steps: int) -> tuple[float, float | None]:
+        """Runs `steps` steps; returns (wall seconds, minor page faults), waiting for the device at the end only."""
+        before = minor_faults()
         start = time.perf_counter()
         for _ in range(steps):
             self.state, self.metrics = self.compiled(self.state, self.batch)
         jax.block_until_ready((self.state, self.metrics))
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return seconds, None if before is None else minor_faults() - before
 
     def describe(self, batch_size: int) -> dict:
         devices = self.mesh.devices.size
@@ -111,37 +113,6 @@ class JaxStep:
             self.run(3)
 
 
-class TorchStep:
-    """The reference MAE in plain PyTorch (tests/torch_reference.py): forward, backward, torch.optim.AdamW."""
-
-    def __init__(self, model_config, opt_cfg, batch_size: int):
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        try:
-            import torch
-            from torch_reference import build_reference_mae
-        except ImportError as err:
-            raise SystemExit(f"--torch needs the test requirements (torch) and tests/torch_reference.py: {err}") \
-                from err
-        torch.manual_seed(0)
-        c = model_config
-        self.torch = torch
-        self.model = build_reference_mae(c.img_size, c.patch_size, c.in_chans, c.width, c.depth, c.heads,
-                                         c.decoder_width, c.decoder_depth, c.decoder_heads, c.mlp_ratio,
-                                         c.norm_pix_loss)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(opt_cfg.b1, opt_cfg.b2),
-                                           weight_decay=opt_cfg.weight_decay)
-        self.images = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size)
-
-    def run(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss, _, _ = self.model(self.images, 0.75)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-        return time.perf_counter() - start
-
-
 def timed_rounds(runners: dict, steps: dict, rounds: int, warmup: int) -> tuple[dict, dict]:
     """Seconds per step for each runner, `rounds` times, the runners taking turns within each round.
 
@@ -155,10 +126,10 @@ def timed_rounds(runners: dict, steps: dict, rounds: int, warmup: int) -> tuple[
     faults = {name: 0.0 for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
-            before = _minor_faults()
-            per_step[name].append(runner.run(steps[name]) / steps[name])
-            after = _minor_faults()
-            faults[name] = None if before is None else faults[name] + (after - before) / (steps[name] * rounds)
+            seconds, count = runner.run(steps[name])
+            per_step[name].append(seconds / steps[name])
+            faults[name] = None if count is None or faults[name] is None else \
+                faults[name] + count / (steps[name] * rounds)
     return per_step, faults
 
 
@@ -168,9 +139,14 @@ def bench(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup
     jax_step = JaxStep(config, batch_size, fsdp)
     runners, counts = {"jax": jax_step}, {"jax": steps}
     if with_torch:
-        runners["torch"] = TorchStep(build_model_config(config.model), config.optimizer, batch_size)
+        runners["torch"] = TorchProcess(build_model_config(config.model), config.optimizer, batch_size,
+                                        config.model.mask_ratio)
         counts["torch"] = torch_steps or steps
-    per_step, faults = timed_rounds(runners, counts, rounds, warmup)
+    try:
+        per_step, faults = timed_rounds(runners, counts, rounds, warmup)
+    finally:
+        if with_torch:
+            runners["torch"].close()
     result = jax_step.describe(batch_size)
     step_s = float(np.median(per_step["jax"]))
     result.update(step_ms=1000 * step_s, images_per_s=batch_size / step_s)
@@ -182,7 +158,7 @@ def bench(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup
         torch_s = float(np.median(per_step["torch"]))
         ratios = [t / j for j, t in zip(per_step["jax"], per_step["torch"])]
         result.update(torch_step_ms=1000 * torch_s, torch_images_per_s=batch_size / torch_s,
-                      torch_threads=runners["torch"].torch.get_num_threads(),
+                      torch_threads=runners["torch"].threads,
                       jax_over_torch_per_round=" ".join(f"{r:.3f}" for r in ratios),
                       jax_over_torch=float(np.median(ratios)))
     for name, count in faults.items():
@@ -192,14 +168,6 @@ def bench(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup
     if profile_dir:
         jax_step.profile(profile_dir)
     return result
-
-
-def _minor_faults() -> float | None:
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def main(argv):
