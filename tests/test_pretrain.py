@@ -250,3 +250,21 @@ def test_init_from_a_torch_checkpoint_loads_weights_only(tmp_path):
                                   expected["blocks_0"]["attn"]["qkv"]["kernel"])
     np.testing.assert_array_equal(got["decoder_pred"]["kernel"], params_of(fresh)["decoder_pred"]["kernel"])
     assert os.path.exists(tmp_path / "partial" / "vis" / "step_0000001.png")
+
+
+def test_train_step_rejects_images_of_the_wrong_size_while_tracing():
+    import ml_collections
+
+    from usf_mae_jax.train import sharding
+
+    config = pretrain_configs.get_config("demo,runlocal")
+    model_config = state.build_model_config(config.model)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}), jax.devices()[:1])
+    setup = state.create_train_setup(model_config, config.optimizer, mesh, seed=0, mask_ratio=0.75, peak_lr=1e-3,
+                                     total_updates=10, warmup_updates=1, fsdp_min_size=64)
+    side = model_config.img_size
+    wrong = {"image": np.zeros((2, side * 2, side * 2, model_config.in_chans), np.uint8)}
+    with pytest.raises(ValueError, match=rf"batch images have shape \(2, {2 * side}, {2 * side}, "
+                                         rf"{model_config.in_chans}\) but the "
+                                         rf"model takes {side}x{side} images"):
+        setup.train_step.lower(setup.abstract_state, wrong)

@@ -101,6 +101,10 @@ def make_train_step(graphdef, model_config: vit.ModelConfig, tx, schedule, *, se
     def train_step(state, batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(seed), step)
+        side = model_config.img_size
+        if tuple(batch["image"].shape[1:3]) != (side, side):  # checked while tracing, before any compile
+            raise ValueError(f"batch images have shape {tuple(batch['image'].shape)} but the model takes "
+                             f"{side}x{side} images (model.img_size)")
         patches = vit.normalized_patches(batch["image"], model_config.patch_size, model_config.in_chans)
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], patches,
                                                   jax.random.fold_in(key, MASK_STREAM))
