@@ -143,6 +143,14 @@ def _launch(workdir, *overrides, env_devices=1):
                             text=True)
 
 
+def _reference_then_run(tmp_path, *overrides):
+    """Runs an uninterrupted reference to completion, then starts the run under test with the same overrides."""
+    reference = _launch(tmp_path / "reference", *overrides)
+    assert reference.wait(timeout=600) == 0
+    workdir = tmp_path / "run"
+    return workdir, _launch(workdir, *overrides)
+
+
 def _wait_for_checkpoints(workdir, count, proc, timeout=300):
     deadline = time.time() + timeout
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -170,10 +178,7 @@ def _assert_same_params(a, b):
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
-    reference = _launch(tmp_path / "reference", "--config.total_steps=30", "--config.ckpt_steps=100")
-    assert reference.wait(timeout=600) == 0
-    workdir = tmp_path / "run"
-    proc = _launch(workdir, "--config.total_steps=30", "--config.ckpt_steps=100")
+    workdir, proc = _reference_then_run(tmp_path, "--config.total_steps=30", "--config.ckpt_steps=100")
     while True:  # wait until training is under way, then preempt
         line = proc.stdout.readline()
         assert line, "the run ended before it logged a step"
@@ -193,10 +198,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_kill_during_async_save_resumes_from_a_complete_checkpoint(tmp_path):
-    reference = _launch(tmp_path / "reference", "--config.total_steps=24", "--config.ckpt_steps=1")
-    assert reference.wait(timeout=600) == 0
-    workdir = tmp_path / "run"
-    proc = _launch(workdir, "--config.total_steps=24", "--config.ckpt_steps=1")
+    workdir, proc = _reference_then_run(tmp_path, "--config.total_steps=24", "--config.ckpt_steps=1")
     _wait_for_checkpoints(str(workdir), 2, proc)  # saving every step: the kill lands in or near a save
     proc.kill()
     proc.wait()

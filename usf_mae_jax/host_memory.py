@@ -85,7 +85,7 @@ def with_tunable(environ: dict) -> dict:
 
 def status() -> str:
     """One line for the logs: what the running process has, and why."""
-    if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+    if TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
         how = "set by re-exec" if os.environ.get(REEXEC_MARKER) else "set by the caller"
         return f"host malloc: transparent huge pages on ({how})"
     return plan(os.environ, glibc_version(), transparent_huge_page_mode())[1]
