@@ -268,3 +268,33 @@ def test_train_step_rejects_images_of_the_wrong_size_while_tracing():
                                          rf"{model_config.in_chans}\) but the "
                                          rf"model takes {side}x{side} images"):
         setup.train_step.lower(setup.abstract_state, wrong)
+
+
+def test_a_non_finite_step_leaves_params_and_optimizer_state_unchanged():
+    import ml_collections
+
+    from usf_mae_jax.train import sharding
+
+    config = pretrain_configs.get_config("demo,runlocal")
+    model_config = state.build_model_config(config.model)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}), jax.devices()[:1])
+    setup = state.create_train_setup(model_config, config.optimizer, mesh, seed=0, mask_ratio=0.75, peak_lr=1e-3,
+                                     total_updates=10, warmup_updates=1, fsdp_min_size=64)
+    side = model_config.img_size
+    batch = {"image": np.random.default_rng(0).integers(0, 256, (2, side, side, model_config.in_chans), np.uint8)}
+    def run(tree):
+        new, metrics = setup.train_step(jax.tree.map(jax.numpy.asarray, tree), batch)
+        return jax.tree.map(np.asarray, new), metrics
+
+    first, _ = run(setup.init())  # step 0 has a zero learning rate (warmup); step 1 moves the params
+    second, metrics = run(first)
+    assert not bool(metrics["nonfinite"]) and int(second["step"]) == 2
+    assert not np.array_equal(second["params"]["decoder_pred"]["bias"], first["params"]["decoder_pred"]["bias"])
+
+    poisoned = jax.tree.map(np.copy, first)
+    poisoned["params"]["decoder_pred"]["bias"][0] = np.nan  # every prediction of patch value 0 becomes NaN
+    kept, metrics = run(poisoned)
+    assert bool(metrics["nonfinite"]) and not np.isfinite(float(metrics["loss"]))
+    assert int(kept["step"]) == 2
+    assert_trees_equal(kept["params"], poisoned["params"])
+    assert_trees_equal(kept["opt_state"], poisoned["opt_state"])

@@ -91,12 +91,23 @@ def make_train_step(graphdef, model_config: vit.ModelConfig, tx, schedule, *, se
 
     A non-finite loss or gradient norm leaves the state unchanged (the update is discarded on device) and
     raises the `nonfinite` flag; the loop stops with the step number and the last good checkpoint intact.
+    The guard is a `lax.cond` around the optimizer update rather than a `where(finite, new, old)` over the
+    result: with `where`, the old params and moments stay live after the new ones are written, so XLA copied
+    the whole donated state every step (~360 copies, 25 MiB more scratch, ~3% of a tiny CPU step).
     """
 
     def loss_fn(params, patches, key):
         model = nnx.merge(graphdef, params)
         loss, _, _ = model.forward_patches(patches, mask_ratio, rng=key)
         return loss
+
+    def apply_update(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def keep_state(params, opt_state, grads):
+        del grads
+        return params, opt_state
 
     def train_step(state, batch):
         step = state["step"]
@@ -109,12 +120,10 @@ def make_train_step(graphdef, model_config: vit.ModelConfig, tx, schedule, *, se
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], patches,
                                                   jax.random.fold_in(key, MASK_STREAM))
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.lax.cond(finite, apply_update, keep_state,
+                                         state["params"], state["opt_state"], grads)
         new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                                 {**state, "step": step + 1})
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step // grad_accum_steps),
                    "nonfinite": ~finite}
         return new_state, metrics
