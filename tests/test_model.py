@@ -211,3 +211,20 @@ def test_forward_patches_is_the_image_forward_and_checks_shapes():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match=r"patches must have shape \(N, 16, 48\), got \(2, 16, 16\)"):
         model.forward_patches(jnp.zeros((2, 16, 16)), 0.75, noise=noise)
+
+
+@pytest.mark.parametrize("tokens", [50, vit.PIN_TRANSPOSED_GRADS_MIN_TOKENS + 69])
+def test_hand_written_attention_gradient_equals_autodiff(tokens):
+    rng = np.random.default_rng(tokens)
+    q, k, v, d_out = (jnp.asarray(rng.standard_normal((2, 3, tokens, 8), np.float32)) for _ in range(4))
+
+    def plain(q, k, v):
+        return jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2), axis=-1) @ v
+
+    out, vjp = jax.vjp(vit.softmax_attention, q, k, v)
+    expected_out, expected_vjp = jax.vjp(plain, q, k, v)
+    np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-6)
+    for name, got, expected in zip("qkv", vjp(d_out), expected_vjp(d_out)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+    lowered = jax.jit(lambda *a: vjp(d_out)).lower(q, k, v).as_text()
+    assert ("optimization_barrier" in lowered) == (tokens >= vit.PIN_TRANSPOSED_GRADS_MIN_TOKENS)

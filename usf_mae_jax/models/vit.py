@@ -255,6 +255,14 @@ class Attention(nnx.Module):
         return tokens_2d(self.proj, out.transpose(0, 2, 1, 3).reshape(batch, length, width))
 
 
+# XLA folds the final swapaxes of dK^T and dV^T back into their matmuls, which turns them into the transposed-
+# LHS contraction that XLA:CPU runs single-threaded with heavy operand packing. An optimization barrier on the
+# CPU keeps the row-major form. Measured on a 2-core CPU: at the decoder's 197 tokens (head dim 32) each of the
+# two matmuls takes ~10 ms instead of ~19 ms; at the encoder's 50 kept tokens the barrier costs more than it
+# saves (1.4 ms vs 0.9 ms), hence the threshold. Other platforms never see the barrier.
+PIN_TRANSPOSED_GRADS_MIN_TOKENS = 128
+
+
 @jax.custom_vjp
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T) v over (B, H, N, hd) arrays, softmax statistics in float32.
@@ -281,6 +289,9 @@ def _attention_backward(residuals, d_out):
     d_q = d_logits @ jnp.swapaxes(k_t, -1, -2)
     d_k_t = jnp.swapaxes(q, -1, -2) @ d_logits
     d_v_t = jnp.swapaxes(d_out, -1, -2) @ weights
+    if q.shape[-2] >= PIN_TRANSPOSED_GRADS_MIN_TOKENS:
+        d_k_t, d_v_t = jax.lax.platform_dependent((d_k_t, d_v_t), cpu=jax.lax.optimization_barrier,
+                                                  default=lambda grads: grads)
     return d_q, jnp.swapaxes(d_k_t, -1, -2), jnp.swapaxes(d_v_t, -1, -2)
 
 
