@@ -252,7 +252,8 @@ def test_init_from_a_torch_checkpoint_loads_weights_only(tmp_path):
     assert os.path.exists(tmp_path / "partial" / "vis" / "step_0000001.png")
 
 
-def test_train_step_rejects_images_of_the_wrong_size_while_tracing():
+def demo_train_setup():
+    """The demo model's train setup on one device: (setup, model_config)."""
     import ml_collections
 
     from usf_mae_jax.train import sharding
@@ -262,6 +263,11 @@ def test_train_step_rejects_images_of_the_wrong_size_while_tracing():
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}), jax.devices()[:1])
     setup = state.create_train_setup(model_config, config.optimizer, mesh, seed=0, mask_ratio=0.75, peak_lr=1e-3,
                                      total_updates=10, warmup_updates=1, fsdp_min_size=64)
+    return setup, model_config
+
+
+def test_train_step_rejects_images_of_the_wrong_size_while_tracing():
+    setup, model_config = demo_train_setup()
     side = model_config.img_size
     wrong = {"image": np.zeros((2, side * 2, side * 2, model_config.in_chans), np.uint8)}
     with pytest.raises(ValueError, match=rf"batch images have shape \(2, {2 * side}, {2 * side}, "
@@ -271,17 +277,10 @@ def test_train_step_rejects_images_of_the_wrong_size_while_tracing():
 
 
 def test_a_non_finite_step_leaves_params_and_optimizer_state_unchanged():
-    import ml_collections
-
-    from usf_mae_jax.train import sharding
-
-    config = pretrain_configs.get_config("demo,runlocal")
-    model_config = state.build_model_config(config.model)
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}), jax.devices()[:1])
-    setup = state.create_train_setup(model_config, config.optimizer, mesh, seed=0, mask_ratio=0.75, peak_lr=1e-3,
-                                     total_updates=10, warmup_updates=1, fsdp_min_size=64)
+    setup, model_config = demo_train_setup()
     side = model_config.img_size
     batch = {"image": np.random.default_rng(0).integers(0, 256, (2, side, side, model_config.in_chans), np.uint8)}
+
     def run(tree):
         new, metrics = setup.train_step(jax.tree.map(jax.numpy.asarray, tree), batch)
         return jax.tree.map(np.asarray, new), metrics

@@ -164,8 +164,7 @@ def normalized_patches(images: jax.Array, patch_size: int, in_chans: int = 3) ->
     The same values (up to one float32 rounding step): normalisation is per channel and patchify only moves
     pixels, so the uint8 image is rearranged first and each (row, col, channel) patch entry is then normalised
     with its channel's mean and std. On XLA:CPU this halves the cost of the pair (9.8 against 18.5 ms for 32
-    images of 224 px),
-    because the fused byte gather of the other order does not vectorise.
+    images of 224 px), because the fused byte gather of the other order does not vectorise.
     """
     patches = patchify(images, patch_size)
     channels = images.shape[-1]
