@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from usf_mae_jax.cli import CheckpointError
 from usf_mae_jax.interop import torch_pickle
 from usf_mae_jax.models import pos_embed, vit
 from usf_mae_jax.models.mae import MaskedAutoencoder
@@ -52,11 +53,11 @@ CLASSIFIER_ENTRIES = ("fc_norm", "head", "head_bn", "pos_embed")
 Path = tuple[str, ...]
 
 
-class PositionTableError(ValueError):
+class PositionTableError(CheckpointError):
     """A checkpoint's fixed position table is not the 2-D sin-cos table our model computes."""
 
 
-class UnexpectedKeysError(ValueError):
+class UnexpectedKeysError(CheckpointError):
     """A checkpoint holds keys the conversion does not understand."""
 
 

@@ -33,6 +33,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from usf_mae_jax.cli import CheckpointError
+
 # torch storage class name -> element dtype (torch/storage.py `_dtype_to_storage_type_map`).
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "DoubleStorage": np.dtype(np.float64),
@@ -51,11 +53,11 @@ LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUM
 LEGACY_PROTOCOL_VERSION = 1001
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """The checkpoint names a global outside the allow-list; it was not executed."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(CheckpointError):
     """The file is not a checkpoint this reader understands."""
 
 
