@@ -1,4 +1,4 @@
-"""Shared pieces of every config: preset-argument parsing, the model block and the unit-suffixed durations.
+"""Shared pieces of every config: preset-argument parsing, the model, input and mesh blocks, and durations.
 
 Configs are `get_config(arg)` functions (big_vision / flax examples style). `arg` is the text after the colon
 in `--config=configs/pretrain.py:demo,variant=tiny,img_size=64`: a preset name followed by typed key=value
@@ -70,7 +70,7 @@ def input_block(**fields) -> ml_collections.ConfigDict:
     """The `input` sub-config read by usf_mae_jax/data/pipeline.py."""
     block = ml_collections.ConfigDict({
         "source": "synthetic",  # synthetic (in memory) | shards (ArrayRecord folders from data_prep)
-        "data_dirs": "",  # comma-separated dataset folders, or roots holding dataset folders
+        "data_dir": "",  # a dataset folder, a comma-separated list of them, or a root holding dataset folders
         "weights": "",  # comma-separated per-dataset mixture weights; '' = proportional to size
         "augment": "usf_mae",  # usf_mae | mae | eval | none
         "channels": 0,  # host image channels: 0 = auto (3 if any dataset is colour, else 1), or force 1 / 3
@@ -93,9 +93,10 @@ def mesh_block(data: int = -1, fsdp: int = 1, fsdp_min_size: int = 2**18) -> ml_
 
 
 def duration_fields(**values) -> dict:
-    """Unit-suffixed durations; leave the alternatives of each one as typed placeholders."""
+    """Unit-suffixed durations (usf_mae_jax/core/steps.py resolves them); the alternatives of each one are
+    typed placeholders, so exactly the ones a preset or an override sets are in force."""
     fields = {}
-    for name in ("total", "warmup"):
+    for name in ("total", "warmup", "eval"):
         fields[f"{name}_steps"] = config_dict.placeholder(int)
         fields[f"{name}_epochs"] = config_dict.placeholder(float)
     fields["warmup_fraction"] = config_dict.placeholder(float)
@@ -103,18 +104,11 @@ def duration_fields(**values) -> dict:
     return fields
 
 
-def resolve_steps(config, name: str, steps_per_epoch: int, total_steps: int | None = None) -> int:
-    """Turns `{name}_steps`, `{name}_epochs` or `{name}_fraction` (exactly one set) into a step count."""
-    set_fields = [f"{name}_{unit}" for unit in ("steps", "epochs", "fraction")
-                  if config.get(f"{name}_{unit}") is not None]
-    if len(set_fields) != 1:
-        raise ValueError(f"set exactly one of {name}_steps / {name}_epochs / {name}_fraction, got {set_fields}")
-    field = set_fields[0]
-    value = config[field]
-    if field.endswith("_steps"):
-        return int(value)
-    if field.endswith("_epochs"):
-        return int(round(value * steps_per_epoch))
-    if total_steps is None:
-        raise ValueError(f"{field} needs the total number of steps")
-    return int(round(value * total_steps))
+def check_runlocal(args: ml_collections.ConfigDict, *conflicting: str) -> None:
+    """`runlocal` sets its own sizes and durations; an explicit preset argument it would override is an error
+    rather than silently ignored (e.g. `busbra,epochs=3,runlocal`)."""
+    if not args.get("runlocal"):
+        return
+    given = [f"{k}={args[k]}" for k in conflicting if args.get(k)]
+    if given:
+        raise ValueError(f"runlocal sets its own model size and duration; drop {', '.join(given)} or runlocal")

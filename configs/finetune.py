@@ -6,23 +6,25 @@
 Preset arguments:
   dataset   busbra | mmotu | gist514 | labelled (also the bare first word, e.g. `:busbra`); the converted
             benchmark lives under `input.data_dir` (the `--out_dir` of `python -m data_prep DATASET`).
-  mode      full (fine-tune every weight) | linear (frozen encoder, cached features, BN + Linear head).
+  mode      full (task `finetune`: every weight trains) | linear (task `linear_probe`: frozen encoder,
+            cached features, BN + Linear head).
   fold      the official round (BUS-BRA 1..5, GIST514-DB 0..4, MMOTU-2D / labelled 0); -1 = the benchmark's
-            default (the single fixed split of usf_mae_recipe.md: BUS-BRA fold 1, GIST514-DB split 0).
-  variant   a builder config (GIST514-DB: roi, the default, or raw).
+            default (the single fixed split of docs/usf_mae_recipe.md: BUS-BRA fold 1, GIST514-DB split 0).
+  subset    GIST514-DB's frames: roi (lesion crops, the default) or raw (full frames).
+  variant   the model size (mu|tiny|small|base|large|huge) when the init does not fix it (random init).
   img_size  input resolution; any multiple of the patch size works with any init (the position table is
             resized bicubically when the init used another size).
   epochs    total epochs (overrides the recipe's).
   runlocal  shrink everything (mu model, 32 px, a few steps) so that a CPU runs it in seconds.
 
-`init` is a pretraining workdir (its newest checkpoint), an interop import directory or a PyTorch
+`init` is a pretraining or fine-tuning workdir (read-only), an interop import directory or a PyTorch
 `.pth`/`.pt`/`.safetensors`; unset means random initialisation, which the run logs as a warning. When the init
-carries its architecture, the architecture comes from it and `model.img_size` from this config.
+records its architecture, the architecture comes from it and `model.img_size` from this config.
 
-Recipe values are the reference MAE fine-tune / linear-probe recipes (facebookresearch/mae FINETUNE.md,
-LINPROBE.md, as summarised in shared/reference/mae_fidelity.md); the USF-MAE paper does not publish its
-downstream recipe (usf_mae_recipe.md), so where the reference is tuned for ImageNet (batch, epochs,
-RandAugment), the ultrasound choice is stated next to it.
+Recipe values are the reference MAE fine-tune and linear-probe recipes (facebookresearch/mae FINETUNE.md,
+summarised in docs/usf_mae_recipe.md, "Reference MAE recipes"); the USF-MAE paper does not publish its
+downstream recipe, so where the reference is tuned for ImageNet (batch, epochs, RandAugment), the ultrasound
+choice is stated next to it.
 """
 
 from __future__ import annotations
@@ -33,38 +35,47 @@ from ml_collections import config_dict
 from configs import common
 
 DATASETS = ("busbra", "mmotu", "gist514", "labelled")
-METHODS = ("full", "linear")
+MODES = {"full": "finetune", "linear": "linear_probe"}
+PRESETS = {
+    "busbra": "BUS-BRA, benign vs malignant breast lesions (default; fold 1..5)",
+    "mmotu": "MMOTU-2D, 8 ovarian tumour classes",
+    "gist514": "GIST514-DB, GIST vs leiomyoma (fold 0..4, subset=roi|raw)",
+    "labelled": "your own labelled set from `python -m data_prep labelled`",
+}
+ARGUMENTS = "mode=full|linear, fold=K, subset=roi|raw, variant=SIZE, img_size=N, epochs=N, runlocal"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_arg(arg, preset="busbra", dataset="", mode="full", fold=-1, variant="", img_size=0,
-                            epochs=0, runlocal=False)
+    args = common.parse_arg(arg, preset="busbra", dataset="", mode="full", fold=-1, subset="", variant="",
+                            img_size=0, epochs=0, runlocal=False)
     dataset = args.dataset or args.preset
     if dataset not in DATASETS:
         raise ValueError(f"unknown fine-tune dataset {dataset!r}; choose one of {DATASETS}")
-    if args.mode not in METHODS:
+    if args.mode not in MODES:
         raise ValueError(f"unknown mode {args.mode!r}; choose full or linear")
+    common.check_runlocal(args, "variant", "img_size", "epochs")
     linear = args.mode == "linear"
 
     c = ml_collections.ConfigDict()
-    c.mode = "finetune"  # launch.py dispatch
+    c.task = MODES[args.mode]
     c.preset = dataset
-    c.method = args.mode  # full | linear
     c.dataset = dataset
     c.fold = config_dict.placeholder(int)  # None: the benchmark's default round
-    c.variant = config_dict.placeholder(str)  # None: the benchmark's default config
+    c.subset = config_dict.placeholder(str)  # GIST514-DB roi | raw; None: the benchmark's default
     c.seed = 0
     c.init = config_dict.placeholder(str)  # None: random init (warned); else workdir | import dir | .pth
     c.update(common.duration_fields())
     # The reference fine-tunes ViT-B for 100 epochs (FINETUNE.md); the benchmarks are ~1-2k images, so an
     # epoch is a few steps and 100 epochs stays cheap.
     c.total_epochs = 100.0
-    c.warmup_epochs = 5.0  # mae_fidelity.md fine-tune: 5 warmup epochs
+    c.warmup_epochs = 5.0  # reference fine-tune: 5 warmup epochs
+    c.eval_epochs = 1.0  # validation after every epoch selects the tested state
     c.batch_size = 64  # global; the reference uses 1024 on ImageNet, too large for a ~1k-image benchmark
+    c.grad_accum_steps = 1
     c.eval_batch_size = 128
     c.model = common.model_block("base", 224)
-    c.model.global_pool = True  # mae_fidelity.md: mean of patch tokens -> fc_norm -> head (False: cls + norm)
-    c.model.drop_path = 0.1  # mae_fidelity.md: drop path 0.1 for ViT-B (0.2 for L, 0.3 for H in FINETUNE.md)
+    c.model.global_pool = True  # reference fine-tune: mean of patch tokens -> fc_norm -> head (False: cls + norm)
+    c.model.drop_path = 0.1  # reference fine-tune: drop path 0.1 for ViT-B (0.2 for L, 0.3 for H, FINETUNE.md)
     c.input = ml_collections.ConfigDict({
         "data_dir": "",  # the converter's --out_dir (or the benchmark's version folder itself)
         # Training augmentation. flip_crop (default): nearest resize to img_size, RandomResizedCrop with
@@ -79,25 +90,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = common.mesh_block()
     c.optimizer = ml_collections.ConfigDict({
         "name": "adamw",  # adamw (fine-tune) | lars (linear probe)
-        "blr": 5e-4,  # mae_fidelity.md fine-tune: blr 5e-4, lr = blr * batch / 256
+        "blr": 5e-4,  # reference fine-tune: blr 5e-4, lr = blr * batch / 256
         "lr": config_dict.placeholder(float),  # absolute peak lr; when set, blr is ignored
         "lr_batch_denominator": 256,
-        "b1": 0.9,  # mae_fidelity.md fine-tune: AdamW betas (0.9, 0.999)
+        "b1": 0.9,  # reference fine-tune: AdamW betas (0.9, 0.999)
         "b2": 0.999,
         "eps": 1e-8,
-        "weight_decay": 0.05,  # mae_fidelity.md fine-tune: wd 0.05, not on 1-D, bias, pos_embed, cls_token
-        # mae_fidelity.md: layer-wise lr decay 0.65 for B, 0.75 for L/H; None picks by the model's width
+        "weight_decay": 0.05,  # reference fine-tune: wd 0.05, not on 1-D, bias, pos_embed, cls_token
+        "wd_mask": "finetune",
+        # reference fine-tune: layer-wise lr decay 0.65 for B, 0.75 for L/H; None picks by the model's width
         # (<= 768: 0.65, else 0.75), so a --config.model.variant=large override gets the right value.
         "layer_decay": config_dict.placeholder(float),
         "momentum": 0.9,  # LARS only
         "trust_coefficient": 0.001,  # LARS only (reference util/lars.py)
-        "min_lr": 1e-6,  # mae_fidelity.md fine-tune: cosine down to 1e-6
+        "min_lr": 1e-6,  # reference fine-tune: cosine down to 1e-6
         "clip_grad_norm": 0.0,  # the reference fine-tune does not clip (clip_grad None)
     })
-    c.label_smoothing = 0.1  # mae_fidelity.md fine-tune: label smoothing 0.1
-    # Mixup 0.8 / CutMix 1.0 are the reference's ImageNet values (mae_fidelity.md); they are OFF by default
-    # here: mixing two ultrasound frames (or pasting a patch of one onto another) can erase or invent the
-    # lesion that carries the label. Set the alphas to the reference values to turn them on.
+    c.label_smoothing = 0.1  # reference fine-tune: label smoothing 0.1
+    # Mixup 0.8 / CutMix 1.0 are the reference's ImageNet values; they are OFF by default here: mixing two
+    # ultrasound frames (or pasting a patch of one onto another) can erase or invent the lesion that carries
+    # the label. Set the alphas to the reference values to turn them on.
     c.mixup = ml_collections.ConfigDict({"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "prob": 1.0,
                                          "switch_prob": 0.5})
     # none | loss (per-class weights N / (C * n_c) in the cross-entropy) | sampler (draw training examples
@@ -105,11 +117,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # such as BUS-BRA (1268 benign / 607 malignant).
     c.class_balance = "none"
     c.log_steps = 10
-    c.keep_features = True  # linear probe: keep the cached features in workdir/features/ for reruns
+    c.ckpt_steps = 200
+    c.keep_ckpts = 2
 
     if linear:
-        # mae_fidelity.md linear probe: frozen encoder, cls feature after `norm`, BN (no affine) + Linear,
-        # LARS momentum 0.9, wd 0, blr 0.1, 10 warmup epochs of 90; no label smoothing, no mixup.
+        # Reference linear probe: frozen encoder, cls feature after `norm`, BN (no affine) + Linear, LARS
+        # momentum 0.9, wd 0, blr 0.1, 10 warmup epochs of 90; no label smoothing, no mixup.
         c.model.global_pool = False
         c.model.drop_path = 0.0
         c.total_epochs = 90.0
@@ -121,8 +134,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if args.fold >= 0:
         c.fold = args.fold
+    if args.subset:
+        c.subset = args.subset
     if args.variant:
-        c.variant = args.variant
+        c.model.variant = args.variant
     if args.img_size:
         c.model.img_size = args.img_size
     if args.epochs:

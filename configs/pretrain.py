@@ -2,13 +2,15 @@
 
 Presets:
   demo      a small MAE on synthetic ultrasound held in memory; finishes on a laptop CPU in a few minutes.
-  usf_mae   the USF-MAE recipe (shared/reference/usf_mae_recipe.md): ViT-B/16, raw-pixel targets, AdamW with
-            PyTorch's default betas, decay on every parameter, clipping at 1.0, bf16, 10% warmup.
+  usf_mae   the USF-MAE recipe (docs/usf_mae_recipe.md): ViT-B/16, raw-pixel targets, AdamW with PyTorch's
+            default betas, decay on every parameter, clipping at 1.0, bf16, 10% warmup; continue from the
+            ImageNet MAE weights with --config.init=mae_pretrain_vit_base_full.pth.
   mae_in1k  the reference MAE recipe (facebookresearch/mae PRETRAIN.md): norm-pix targets, betas (0.9, 0.95),
             no decay on 1-D params and biases, 40 warmup epochs, batch 4096.
 
-Preset arguments: variant (mu|tiny|small|base|large|huge), img_size, batch_size, and `runlocal`, which shrinks
-any preset (tiny model, synthetic data, a few steps) so that it runs on a CPU in seconds.
+Preset arguments: variant (the model size: mu|tiny|small|base|large|huge), img_size, batch_size, and
+`runlocal`, which shrinks any preset (a mu model, synthetic data, a few steps) so that it runs on a CPU in
+seconds.
 """
 
 from __future__ import annotations
@@ -18,14 +20,22 @@ from ml_collections import config_dict
 
 from configs import common
 
+PRESETS = {
+    "demo": "small MAE on synthetic ultrasound, CPU, a few minutes (the default)",
+    "usf_mae": "the USF-MAE recipe: ViT-B/16 224 px, raw-pixel targets, from the ImageNet MAE weights",
+    "mae_in1k": "the reference MAE recipe: norm-pix targets, batch 4096, 800 epochs",
+}
+ARGUMENTS = "variant=mu|tiny|small|base|large|huge, img_size=N, batch_size=N, runlocal"
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(arg, preset="demo", variant="", img_size=0, batch_size=0, runlocal=False)
-    if args.preset not in ("demo", "usf_mae", "mae_in1k"):
-        raise ValueError(f"unknown pretrain preset {args.preset!r}; choose demo, usf_mae or mae_in1k")
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown pretrain preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    common.check_runlocal(args, "variant", "img_size", "batch_size")
 
     c = ml_collections.ConfigDict()
-    c.mode = "pretrain"
+    c.task = "pretrain"
     c.preset = args.preset
     c.seed = 0
     c.update(common.duration_fields())
@@ -46,7 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "min_lr": 0.0,
         "clip_grad_norm": 0.0,  # 0 disables global-norm clipping
     })
-    c.init_from = config_dict.placeholder(str)  # params-only init: .pth/.pt/.safetensors or an orbax dir
+    # Pretrained weights loaded when the run starts (not when it resumes): a .pth/.pt/.safetensors, an interop
+    # import directory or another workdir.
+    c.init = config_dict.placeholder(str)
     c.log_steps = 20
     c.ckpt_steps = 1000
     c.keep_ckpts = 3
@@ -62,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.lr = 1e-3  # a tiny model on a tiny set tolerates a larger lr than blr * 32 / 256
         c.log_steps, c.ckpt_steps, c.vis_steps = 10, 100, 100
     elif args.preset == "usf_mae":
-        # usf_mae_recipe.md: base/16 at 224 from the ImageNet MAE "full" checkpoint, raw-pixel targets.
+        # docs/usf_mae_recipe.md: base/16 at 224 from the ImageNet MAE "full" checkpoint, raw-pixel targets.
         c.model.norm_pix_loss = False
         c.model.dtype = "bfloat16"  # the authors train under bf16 autocast
         c.input = common.input_block(source="shards", augment="usf_mae")

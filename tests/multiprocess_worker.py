@@ -7,7 +7,7 @@ Scenarios:
   steps     three sharded train steps (data x fsdp mesh across the processes) on a fixed global batch;
             process 0 writes the gathered params to OUT/params.npz.
   disjoint  three batches from the input pipeline; each process writes hashes of the rows it read.
-  train     `pretrain.train` of the runlocal preset into the shared workdir OUT/workdir (2 steps).
+  train     the training loop's pretraining of the runlocal preset into the shared workdir OUT/workdir (2 steps).
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import pretrain as pretrain_configs
+from tests.helpers import pretrain_setup
+from usf_mae_jax.core import sharding
 from usf_mae_jax.data import pipeline
-from usf_mae_jax.train import pretrain, sharding, state
+from usf_mae_jax.trainers import loop
+from usf_mae_jax.trainers.pretrain import PretrainTask
 
 
 def tiny_config() -> ml_collections.ConfigDict:
@@ -38,10 +41,8 @@ def tiny_config() -> ml_collections.ConfigDict:
 
 def run_steps(out: str) -> None:
     config = tiny_config()
-    model_config = state.build_model_config(config.model)
     mesh = sharding.make_mesh(config.mesh)
-    setup = state.create_train_setup(model_config, config.optimizer, mesh, seed=0, mask_ratio=0.75, peak_lr=1e-3,
-                                     total_updates=10, warmup_updates=1, fsdp_min_size=64)
+    setup = pretrain_setup(config, mesh)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1), dtype=np.uint8)
     batch_sharding = sharding.batch_sharding(mesh)
     train_state = setup.init()
@@ -71,7 +72,8 @@ def run_disjoint(out: str) -> None:
 
 
 def run_train(out: str) -> None:
-    summary = pretrain.train(tiny_config(), os.path.join(out, "workdir"))
+    config = tiny_config()
+    summary = loop.run(config, os.path.join(out, "workdir"), PretrainTask(config))
     with open(os.path.join(out, f"train_{jax.process_index()}.json"), "w") as f:
         json.dump({"final_step": summary["final_step"], "losses": summary["losses"]}, f)
 

@@ -200,13 +200,13 @@ def test_gist514_both_variants(tmp_path):
     for variant in ("roi", "raw"):
         assert read_class_names(out, "gist514", variant) == ["lmym", "GIST"]
         for k in range(5):
-            test = load_split(out, "gist514", "test", fold=k, variant=variant)
+            test = load_split(out, "gist514", "test", fold=k, subset=variant)
             assert ids_of(test) == [f"images/{n}" for n in names[2 * k:2 * k + 2]]
             for ex in test:
                 assert ex["label"] == int(GIST_LABELS[os.path.basename(ex["id"])] == "GIST")
-            full = split_ids(out, "gist514", "train_full", fold=k, variant=variant)
+            full = split_ids(out, "gist514", "train_full", fold=k, subset=variant)
             assert sorted(full) == [f"images/{n}" for n in names[:2 * k] + names[2 * k + 2:]]
-            train, val = (split_ids(out, "gist514", s, fold=k, variant=variant) for s in ("train", "validation"))
+            train, val = (split_ids(out, "gist514", s, fold=k, subset=variant) for s in ("train", "validation"))
             assert sorted(train + val) == sorted(full) and len(val) == 2  # one per class: both have >= 2
     first = load_split(out, "gist514", "test", fold=0)[0]
     assert first["image"].shape == (12, 16, 3)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_config
-from usf_mae_jax.train import crossval, metrics
+from usf_mae_jax.evaluators import crossval, metrics
 
 
 def fake_run(calls: list):
-    """A stand-in for finetune.run that writes a results.json whose numbers depend on (fold, seed)."""
+    """A stand-in for a fine-tune run that writes a results.json whose numbers depend on (fold, seed)."""
     def run(config, workdir):
         calls.append((config.fold, config.seed))
         value = 0.5 + 0.1 * config.fold + 0.01 * config.seed
@@ -73,7 +73,7 @@ def test_command_line_runs_two_real_folds(tmp_path, python_runner):
         mock.write_busbra_tree("{tmp_path}/raw", patients=12, size=32, seed=0)
         convert("busbra", "{tmp_path}/raw", "{tmp_path}/out")
         from absl import app
-        from usf_mae_jax.train import crossval
+        from usf_mae_jax.evaluators import crossval
         sys.argv = ["crossval", "--config=configs/finetune.py:busbra,runlocal", "--folds=1,2",
                     "--workdir={tmp_path}/cv", "--config.input.data_dir={tmp_path}/out"]
         try:

@@ -60,20 +60,20 @@ def test_checkpoint_from_two_processes_restores_in_one_and_reshards(tmp_path, py
         import jax, numpy as np, ml_collections
         import sys; sys.path.insert(0, "tests")
         from multiprocess_worker import tiny_config
-        from usf_mae_jax.train import checkpoint, sharding, state
+        from helpers import pretrain_setup
+        from usf_mae_jax.core import checkpoint, sharding
         config = tiny_config()
-        saved, _ = checkpoint.load_init_params("{workdir}")
+        saved, _ = checkpoint.load_params("{workdir}")
         for data, fsdp in (({{n}}, 1), (-1, min({{n}}, 2))):
-            mesh = sharding.make_mesh(ml_collections.ConfigDict({{"data": data, "fsdp": fsdp}}))
-            setup = state.create_train_setup(state.build_model_config(config.model), config.optimizer, mesh, seed=0,
-                                             mask_ratio=0.75, peak_lr=1e-3, total_updates=10, warmup_updates=1,
-                                             fsdp_min_size=64)
-            restored, step = checkpoint.Checkpointer("{workdir}").restore_latest(setup.abstract_state, None)
-            assert step == 2
-            kernel = restored["params"]["blocks_0"]["attn"]["qkv"]["kernel"]
+            config.mesh.update(data=data, fsdp=fsdp)
+            mesh = sharding.make_mesh(config.mesh)
+            setup = pretrain_setup(config, mesh)
+            restored = checkpoint.Checkpointer("{workdir}").restore_latest(setup.abstract_state, None, None)
+            assert restored.step == 2
+            kernel = restored.state["params"]["blocks_0"]["attn"]["qkv"]["kernel"]
             assert kernel.sharding.mesh.devices.size == {{n}}
             np.testing.assert_array_equal(np.asarray(kernel), saved["blocks_0"]["attn"]["qkv"]["kernel"])
-            mu = [x for x in jax.tree.leaves(restored["opt_state"]) if getattr(x, "shape", ()) == kernel.shape][0]
+            mu = [x for x in jax.tree.leaves(restored.state["opt_state"]) if getattr(x, "shape", ()) == kernel.shape][0]
             assert mu.sharding == kernel.sharding
         print("RESTORED", {{n}})
     """
@@ -84,14 +84,15 @@ def test_checkpoint_from_two_processes_restores_in_one_and_reshards(tmp_path, py
 def test_fsdp_shards_params_and_optimizer_and_prints_sharding(python_runner):
     out = python_runner("""
         import jax, numpy as np, ml_collections
+        import sys; sys.path.insert(0, "tests")
         from configs import pretrain as cfgs
-        from usf_mae_jax.train import sharding, state
+        from helpers import pretrain_setup
+        from usf_mae_jax.core import sharding
         config = cfgs.get_config("demo,runlocal")
-        mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 4}))
+        config.mesh.update(data=-1, fsdp=4, fsdp_min_size=1000)
+        mesh = sharding.make_mesh(config.mesh)
         assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
-        setup = state.create_train_setup(state.build_model_config(config.model), config.optimizer, mesh, seed=0,
-                                         mask_ratio=0.75, peak_lr=1e-3, total_updates=10, warmup_updates=1,
-                                         fsdp_min_size=1000)
+        setup = pretrain_setup(config, mesh)
         st = setup.init()
         qkv = st["params"]["blocks_0"]["attn"]["qkv"]["kernel"]          # (32, 96): 3072 elements
         assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp"), qkv.sharding.spec
@@ -118,17 +119,21 @@ def test_fsdp_divides_parameter_memory_per_device(python_runner):
     out = python_runner("""
         import ml_collections
         import jax, numpy as np
+        import sys; sys.path.insert(0, "tests")
         from configs import pretrain as cfgs
-        from usf_mae_jax.train import sharding, state
+        from helpers import pretrain_setup
+        from usf_mae_jax.core import sharding
+        from usf_mae_jax.trainers import loop
         config = cfgs.get_config("usf_mae,variant=large")
         config.model.update(img_size=32, depth=2, dtype="float32")
+        config.input.source, config.batch_size = "synthetic", 8
         sizes = {}
         for fsdp in (1, 8):
-            mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}))
-            setup = state.create_train_setup(state.build_model_config(config.model), config.optimizer, mesh, seed=0,
-                                             mask_ratio=0.75, peak_lr=1e-3, total_updates=10, warmup_updates=1)
+            config.mesh.update(data=-1, fsdp=fsdp)
+            mesh = sharding.make_mesh(config.mesh)
+            setup = pretrain_setup(config, mesh)
             batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 1), np.uint8, sharding=sharding.batch_sharding(mesh))}
-            _, report = state.compile_step(setup.train_step, setup.abstract_state, batch)
+            _, report = loop.compile_step(setup.train_step, setup.abstract_state, batch)
             sizes[fsdp] = report["arguments_mib"]
         print("ARGS", sizes[1], sizes[8])
     """, devices=8)
@@ -164,9 +169,9 @@ def _wait_for_checkpoints(workdir, count, proc, timeout=300):
 
 
 def _final_params(workdir):
-    from usf_mae_jax.train import checkpoint
+    from usf_mae_jax.core import checkpoint
 
-    return checkpoint.load_init_params(str(workdir))[0]
+    return checkpoint.load_params(str(workdir))[0]
 
 
 def _assert_same_params(a, b):

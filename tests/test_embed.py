@@ -8,12 +8,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch_reference import build_reference_mae
 
 from data_prep import synthetic, writer
 from data_prep.benchmarks import convert, mock
 from usf_mae_jax import embed
 from usf_mae_jax.models import vit
+from usf_mae_jax.torch_reference import build_reference_mae
 
 ARCH = dict(img_size=32, patch_size=8, in_chans=3, width=32, depth=1, heads=2, decoder_width=32,
             decoder_depth=1, decoder_heads=2)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -17,12 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import read_text
 
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 from data_prep.benchmarks import convert, load_split, mock
+from usf_mae_jax.core import checkpoint
+from usf_mae_jax.data import downstream
+from usf_mae_jax.evaluators import metrics
 from usf_mae_jax.models import pos_embed
-from usf_mae_jax.train import checkpoint, downstream, finetune, metrics
+from usf_mae_jax.trainers import finetune, initialization, loop, registry
+
+
+def run(config, workdir):
+    return loop.run(config, workdir, registry.create(config))
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +61,14 @@ def local_config(data_dir: str, arg: str = "busbra,runlocal", **fields):
 
 def test_config_presets_and_recipe_values():
     full = finetune_config.get_config("busbra,mode=full,fold=3,img_size=384,epochs=50")
-    assert (full.mode, full.method, full.dataset, full.fold) == ("finetune", "full", "busbra", 3)
+    assert (full.task, full.dataset, full.fold) == ("finetune", "busbra", 3)
     assert full.model.img_size == 384 and full.total_epochs == 50.0
     assert full.model.drop_path == 0.1 and full.label_smoothing == 0.1 and full.warmup_epochs == 5.0
     assert (full.optimizer.b1, full.optimizer.b2, full.optimizer.weight_decay) == (0.9, 0.999, 0.05)
     assert full.optimizer.blr == 5e-4 and full.optimizer.min_lr == 1e-6 and full.init is None
     assert full.mixup.mixup_alpha == 0.0 and full.mixup.cutmix_alpha == 0.0 and full.class_balance == "none"
-    linear = finetune_config.get_config("dataset=gist514,mode=linear,variant=raw")
-    assert (linear.dataset, linear.variant, linear.fold) == ("gist514", "raw", None)
+    linear = finetune_config.get_config("dataset=gist514,mode=linear,subset=raw")
+    assert (linear.task, linear.dataset, linear.subset, linear.fold) == ("linear_probe", "gist514", "raw", None)
     assert (linear.optimizer.name, linear.optimizer.blr, linear.optimizer.weight_decay) == ("lars", 0.1, 0.0)
     assert (linear.total_epochs, linear.warmup_epochs, linear.model.global_pool) == (90.0, 10.0, False)
     with pytest.raises(ValueError, match="unknown fine-tune dataset 'imagenet'"):
@@ -66,16 +77,20 @@ def test_config_presets_and_recipe_values():
         finetune_config.get_config("busbra,mode=half")
     with pytest.raises(AttributeError):
         full.lock().optimizer.learning_rat = 1.0  # locked: a typo is an error
+    # `variant` is the model size in every config; runlocal refuses a duration it would override.
+    assert finetune_config.get_config("busbra,variant=tiny").model.variant == "tiny"
+    with pytest.raises(ValueError, match="runlocal sets its own model size and duration; drop epochs=3"):
+        finetune_config.get_config("busbra,epochs=3,runlocal")
 
 
 def test_layer_decay_default_follows_model_width():
     from usf_mae_jax.models import vit
 
     opt = finetune_config.get_config("busbra").optimizer
-    assert downstream.layer_decay_for(opt, vit.model_config("base")) == 0.65
-    assert downstream.layer_decay_for(opt, vit.model_config("large")) == 0.75
+    assert initialization.layer_decay_for(opt, vit.model_config("base")) == 0.65
+    assert initialization.layer_decay_for(opt, vit.model_config("large")) == 0.75
     opt.layer_decay = 0.5
-    assert downstream.layer_decay_for(opt, vit.model_config("large")) == 0.5
+    assert initialization.layer_decay_for(opt, vit.model_config("large")) == 0.5
 
 
 # ------------------------------------------------------------------------------------------ loss, mixing
@@ -137,7 +152,7 @@ def test_epoch_indices_are_seeded_and_balanced_sampling_equalises_classes():
 
 def test_runlocal_writes_results_membership_and_a_reusable_checkpoint(bench, tmp_path):
     workdir = str(tmp_path / "run")
-    summary = finetune.run(local_config(bench), workdir)
+    summary = run(local_config(bench), workdir)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     assert list(results) == list(metrics.RESULT_KEYS)
@@ -150,39 +165,40 @@ def test_runlocal_writes_results_membership_and_a_reusable_checkpoint(bench, tmp
     assert not set(splits["test"]["ids"]) & set(splits["train"]["ids"])
     with open(os.path.join(workdir, "provenance.json")) as f:
         assert json.load(f) == {"init": None, "kind": "random", "pretraining_manifests": []}
-    assert summary["steps"] == len(splits["train"]["ids"]) // 8  # one epoch of batch 8
-    params, fields = checkpoint.load_init_params(workdir)  # the best state, usable as an init
+    assert results["f1_binary"] is not None  # two classes: the positive-class F1 is reported too
+    assert summary["final_step"] == len(splits["train"]["ids"]) // 8  # one epoch of batch 8
+    params, fields = checkpoint.load_params(workdir)  # the best state, usable as an init
     assert fields["width"] == 32 and params["pos_embed"].shape == (1 + 16, 32) and "head" in params
-    with pytest.raises(ValueError, match="already holds a fine-tune run"):
-        finetune.run(local_config(bench), workdir)
+    before = read_text(os.path.join(workdir, "results.json"))
+    again = run(local_config(bench), workdir)  # a finished run: nothing is trained or overwritten
+    assert again["start_step"] == again["final_step"]
+    assert read_text(os.path.join(workdir, "results.json")) == before
 
 
 def test_bad_data_dir_and_fold_fail_clearly(bench, tmp_path):
     with pytest.raises(ValueError, match=r"input\.data_dir is empty"):
-        finetune.run(local_config(""), str(tmp_path / "a"))
+        run(local_config(""), str(tmp_path / "a"))
     with pytest.raises(FileNotFoundError, match="no converted mmotu"):
-        finetune.run(local_config(bench, "mmotu,runlocal"), str(tmp_path / "b"))
+        run(local_config(bench, "mmotu,runlocal"), str(tmp_path / "b"))
     with pytest.raises(ValueError, match="has no fold 9"):
-        finetune.run(local_config(bench, fold=9), str(tmp_path / "c"))
+        run(local_config(bench, fold=9), str(tmp_path / "c"))
 
 
 def test_init_from_pretraining_workdir_resizes_the_position_table(bench, tmp_path):
-    from usf_mae_jax.train import pretrain
-
     pre = str(tmp_path / "pretrain")
-    pretrain.train(pretrain_config.get_config("demo,runlocal"), pre)  # mu, 32 px, patch 8, 4 steps
-    pretrained, _ = checkpoint.load_init_params(pre)
+    run(pretrain_config.get_config("demo,runlocal"), pre)  # mu, 32 px, patch 8, 4 steps
+    pretrained, _ = checkpoint.load_params(pre)
     workdir = str(tmp_path / "ft")
     config = local_config(bench, init=pre, model__img_size=48, total_epochs=None, total_steps=1)
     config.model.depth = None  # the architecture comes from the init
-    finetune.run(config, workdir)
+    run(config, workdir)
     with open(os.path.join(workdir, "provenance.json")) as f:
         provenance = json.load(f)
     assert provenance["kind"] == "workdir" and provenance["init"] == os.path.abspath(pre)
     assert provenance["pretraining_config"]["input_source"] == "synthetic"
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["resolved_model"]["img_size"] == 48
-    tuned, _ = checkpoint.load_init_params(workdir)
+    tuned, _ = checkpoint.load_params(workdir)
     assert tuned["pos_embed"].shape == (1 + 36, 32)  # 6x6 grid at 48 px, learned
     expected = pos_embed.resize_patch_table(pos_embed.sincos_2d(32, 4), (6, 6))
     # one step at warmup lr 0 (warmup_steps=1) leaves every weight at its initial value
@@ -192,7 +208,7 @@ def test_init_from_pretraining_workdir_resizes_the_position_table(bench, tmp_pat
 
 
 def test_init_from_pth_loads_the_reference_weights(bench, tmp_path):
-    from torch_reference import build_reference_mae
+    from usf_mae_jax.torch_reference import build_reference_mae
 
     torch.manual_seed(0)
     reference = build_reference_mae(img_size=32, patch_size=8, in_chans=3, width=32, depth=1, heads=2,
@@ -202,11 +218,11 @@ def test_init_from_pth_loads_the_reference_weights(bench, tmp_path):
     workdir = str(tmp_path / "ft")
     config = local_config(bench, init=path, total_epochs=None, total_steps=1)
     config.model.depth = None
-    finetune.run(config, workdir)
+    run(config, workdir)
     with open(os.path.join(workdir, "provenance.json")) as f:
         provenance = json.load(f)
     assert provenance["kind"] == "torch_file" and len(provenance["sha256"]) == 64
-    tuned, fields = checkpoint.load_init_params(workdir)
+    tuned, fields = checkpoint.load_params(workdir)
     assert fields["depth"] == 1
     weight = reference.state_dict()["patch_embed.proj.weight"].numpy()
     kernel = tuned["patch_embed"]["proj"]["kernel"]
@@ -214,7 +230,7 @@ def test_init_from_pth_loads_the_reference_weights(bench, tmp_path):
 
 
 def test_architecture_conflict_with_init_is_an_error(bench, tmp_path):
-    from torch_reference import build_reference_mae
+    from usf_mae_jax.torch_reference import build_reference_mae
 
     reference = build_reference_mae(img_size=32, patch_size=8, in_chans=3, width=32, depth=1, heads=2,
                                     decoder_width=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=False)
@@ -222,12 +238,12 @@ def test_architecture_conflict_with_init_is_an_error(bench, tmp_path):
     torch.save({"model": reference.state_dict()}, path)
     config = local_config(bench, init=path)  # runlocal sets depth=2, the checkpoint has 1
     with pytest.raises(ValueError, match=r"another architecture.*'depth': \(2, 1\)"):
-        finetune.run(config, str(tmp_path / "ft"))
+        run(config, str(tmp_path / "ft"))
 
 
 def test_linear_probe_runlocal_caches_features(bench, tmp_path):
     workdir = str(tmp_path / "lin")
-    summary = finetune.run(local_config(bench, "busbra,mode=linear,runlocal"), workdir)
+    summary = run(local_config(bench, "busbra,mode=linear,runlocal"), workdir)
     cached = np.load(os.path.join(workdir, "features.npz"))
     test_ids = load_split(bench, "busbra", "test", fold=1).ids
     assert cached["test_features"].shape == (len(test_ids), 32)
@@ -235,6 +251,46 @@ def test_linear_probe_runlocal_caches_features(bench, tmp_path):
     assert summary["results"]["n_test"] == len(test_ids)
     with open(os.path.join(workdir, "results.json")) as f:
         assert set(json.load(f)) == set(metrics.RESULT_KEYS)
+
+
+# ----------------------------------------------------------------------------------- kill -9 and resume
+
+KILLER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_at_step.py")
+ROOT = os.path.dirname(os.path.dirname(KILLER))
+
+
+@pytest.mark.parametrize("mode", ["full", "linear"])
+def test_kill_9_at_60_percent_resumes_and_ends_equal(bench, tmp_path, mode):
+    """kill -9 after step 6 of 10, then the same command again: it resumes (does not start over) and ends
+    with the params and results.json of an uninterrupted run (the probe reuses its cached features)."""
+    from conftest import CACHE_DIR
+
+    overrides = {"total_steps": 10, "ckpt_steps": 2, "eval_steps": 2, "batch_size": 4, "eval_batch_size": 8}
+    reference = local_config(bench, f"busbra,mode={mode},runlocal", total_epochs=None, eval_epochs=None,
+                             **overrides)
+    run(reference, str(tmp_path / "reference"))
+    workdir = str(tmp_path / "killed")
+    args = [f"--config=configs/finetune.py:busbra,mode={mode},runlocal", f"--workdir={workdir}",
+            f"--config.input.data_dir={bench}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "USF_MAE_HOST_HUGEPAGES": "0"}
+    killed = subprocess.run([sys.executable, KILLER, "6", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    assert 2 <= max(checkpoint.workdir_steps(workdir)) <= 6  # asynchronous saves: the newest may be in flight
+    rerun = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from step" in rerun.stderr
+    if mode == "linear":
+        assert "features read from" in rerun.stderr
+    for name in ("results.json", "splits.json"):
+        with open(os.path.join(workdir, name)) as a, open(os.path.join(tmp_path / "reference", name)) as b:
+            assert json.load(a) == json.load(b), name
+    ours, _ = checkpoint.read_workdir_params(workdir, step=10)
+    theirs, _ = checkpoint.read_workdir_params(str(tmp_path / "reference"), step=10)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
 # ------------------------------------------------------------------------------------- learning (slow)
@@ -268,7 +324,7 @@ def full_run(lesion_bench, tmp_path_factory):
     config.update(batch_size=64, eval_batch_size=128, warmup_epochs=3.0, class_balance="loss", log_steps=50)
     workdir = str(tmp_path_factory.mktemp("full") / "run")
     started = time.perf_counter()
-    summary = finetune.run(config, workdir)
+    summary = run(config, workdir)
     return workdir, summary, time.perf_counter() - started
 
 
@@ -281,7 +337,7 @@ def test_full_finetune_from_scratch_learns_the_lesions(full_run):
     assert summary["results"]["f1_macro"] >= 0.9
     with open(os.path.join(workdir, "history.json")) as f:
         history = json.load(f)
-    assert history["best_validation_f1"] == max(h["f1_macro"] for h in history["history"])
+    assert history["best"]["value"] == max(e["f1_macro"] for e in history["evaluations"])
 
 
 @pytest.mark.slow
@@ -296,12 +352,14 @@ def test_linear_probe_on_the_finetuned_encoder(full_run, lesion_bench, tmp_path)
     # batch 16384 -> 6.4) needs its thousands of steps; a ~600-image train split gives 3 steps per epoch.
     config.optimizer.lr = 50.0
     started = time.perf_counter()
-    summary = finetune.run(config, str(tmp_path / "lin"))
+    summary = run(config, str(tmp_path / "lin"))
     seconds = time.perf_counter() - started
+    with open(str(tmp_path / "lin" / "config.json")) as f:
+        rate = json.load(f)["resolved_plan"]["feature_images_per_s"]
     print(f"linear probe: test macro-F1 {summary['results']['f1_macro']:.3f}, {seconds:.0f} s wall, "
-          f"features at {summary['images_per_s']:.0f} images/s")
+          f"features at {rate:.0f} images/s")
     assert seconds < LINEAR_BUDGET_S
     assert summary["results"]["f1_macro"] >= 0.9
-    tuned, _ = checkpoint.load_init_params(full_workdir)
+    tuned, _ = checkpoint.load_params(full_workdir)
     cached = np.load(str(tmp_path / "lin" / "features.npz"))
     assert cached["train_features"].shape[1] == tuned["norm"]["scale"].shape[0] == 64

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch_reference import build_reference_mae
 
 from usf_mae_jax.interop import __main__ as cli
 from usf_mae_jax.interop import torch_mae, torch_pickle
+from usf_mae_jax.torch_reference import build_reference_mae
 
 ARCH = dict(img_size=32, patch_size=8, in_chans=3, width=32, depth=2, heads=4, decoder_width=32,
             decoder_depth=1, decoder_heads=2)

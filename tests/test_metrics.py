@@ -1,4 +1,4 @@
-"""Metrics of usf_mae_jax.train.metrics against scikit-learn on random predictions."""
+"""Metrics of usf_mae_jax.evaluators.metrics against scikit-learn on random predictions."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from usf_mae_jax.train import metrics
+from usf_mae_jax.evaluators import metrics
 
 
 def random_predictions(n, num_classes, seed):

@@ -1,4 +1,4 @@
-"""Learning-rate scaling, the per-step schedule, weight-decay masks and gradient accumulation."""
+"""core/optim.py: lr scaling, the per-step schedule, weight-decay masks, layer-wise lr decay, gradient accumulation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from usf_mae_jax.train import optim
+from usf_mae_jax.core import optim, steps
+from usf_mae_jax.models import classifier, vit
 
 
 def opt_cfg(**overrides):
@@ -22,10 +24,10 @@ def opt_cfg(**overrides):
 
 
 def test_peak_lr_scaling_and_configurable_denominator():
-    assert optim.peak_learning_rate(opt_cfg(), 4096) == pytest.approx(1.5e-4 * 16)
+    assert steps.peak_learning_rate(opt_cfg(), 4096) == pytest.approx(1.5e-4 * 16)
     # USF-MAE notebook: base_lr * 128 / 256 at batch 64, i.e. a denominator of 128.
-    assert optim.peak_learning_rate(opt_cfg(blr=3e-4, lr_batch_denominator=128), 64) == pytest.approx(1.5e-4)
-    assert optim.peak_learning_rate(opt_cfg(lr=0.01), 64) == 0.01
+    assert steps.peak_learning_rate(opt_cfg(blr=3e-4, lr_batch_denominator=128), 64) == pytest.approx(1.5e-4)
+    assert steps.peak_learning_rate(opt_cfg(lr=0.01), 64) == 0.01
 
 
 def test_warmup_then_half_cycle_cosine_per_step():
@@ -48,7 +50,7 @@ def test_weight_decay_masks():
     assert ref["norm"]["scale"] is False and ref["norm"]["bias"] is False
     assert ref["blocks_0"]["attn"]["qkv"]["kernel"] is True and ref["blocks_0"]["attn"]["qkv"]["bias"] is False
     assert all(jax.tree.leaves(optim.weight_decay_mask(params, "all")))
-    with pytest.raises(ValueError, match="unknown weight-decay mask"):
+    with pytest.raises(ValueError, match="unknown weight-decay rule .some.; choose one of reference, all, finetune"):
         optim.weight_decay_mask(params, "some")
 
 
@@ -78,3 +80,56 @@ def test_clipping_and_gradient_accumulation():
     # Adam's first moment saw the accumulated gradient clipped to global norm 1: mu = (1 - b1) * g_clipped.
     mu = optax.tree_utils.tree_get(state, "mu")
     assert float(optax.tree.norm(mu)) == pytest.approx(0.1, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def classifier_params():
+    config = vit.model_config("mu", depth=3, img_size=32)
+    model = classifier.ViTClassifier(config, num_classes=4, rngs=nnx.Rngs(0))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_layer_ids(classifier_params):
+    ids = optim.layer_ids(classifier_params, depth=3)
+    assert ids["cls_token"] == 0 and ids["pos_embed"] == 0
+    assert ids["patch_embed"]["proj"]["kernel"] == 0 and ids["patch_embed"]["proj"]["bias"] == 0
+    for k in range(3):
+        assert ids[f"blocks_{k}"]["attn"]["qkv"]["kernel"] == k + 1
+        assert ids[f"blocks_{k}"]["norm2"]["scale"] == k + 1
+    assert ids["fc_norm"]["scale"] == 4 and ids["head"]["kernel"] == 4 and ids["head"]["bias"] == 4
+
+
+def test_lr_scales(classifier_params):
+    scales = optim.layer_decay_scales(classifier_params, depth=3, decay=0.5)
+    assert scales["head"]["kernel"] == 1.0
+    assert scales["blocks_2"]["mlp"]["fc1"]["kernel"] == 0.5
+    assert scales["blocks_0"]["mlp"]["fc1"]["kernel"] == 0.125
+    assert scales["patch_embed"]["proj"]["kernel"] == 0.0625 and scales["cls_token"] == 0.0625
+    # ViT-B/16 with the reference decay 0.65: the patch embedding trains at 0.65 ** 13.
+    assert optim.layer_decay_scales({"patch_embed": 0.0}, depth=12, decay=0.65)["patch_embed"] == pytest.approx(
+        0.65**13)
+    with pytest.raises(ValueError, match="names block 5"):
+        optim.layer_ids({"blocks_5": {"w": 0.0}}, depth=3)
+    with pytest.raises(ValueError, match="decay"):
+        optim.layer_decay_scales(classifier_params, depth=3, decay=0.0)
+
+
+def test_finetune_weight_decay_mask(classifier_params):
+    mask = optim.weight_decay_mask(classifier_params, "finetune")
+    assert mask["blocks_1"]["attn"]["qkv"]["kernel"] is True
+    assert mask["patch_embed"]["proj"]["kernel"] is True and mask["head"]["kernel"] is True
+    assert mask["blocks_1"]["attn"]["qkv"]["bias"] is False
+    assert mask["blocks_1"]["norm1"]["scale"] is False and mask["fc_norm"]["bias"] is False
+    assert mask["cls_token"] is False and mask["pos_embed"] is False
+    assert mask["patch_embed"]["proj"]["bias"] is False
+
+
+def test_scale_by_tree_scales_lr_and_weight_decay():
+    params = {"blocks_0": {"w": jnp.ones((2, 2))}, "head": {"w": jnp.ones((2, 2))}}
+    scales = optim.layer_decay_scales(params, depth=1, decay=0.5)
+    opt = optax.chain(optax.adamw(0.1, weight_decay=0.5), optim.scale_by_tree(scales))
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zero_grads, opt.init(params), params)
+    # With zero gradients the update is pure decoupled weight decay: -lr * wd * w * scale.
+    np.testing.assert_allclose(updates["head"]["w"], -0.05 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(updates["blocks_0"]["w"], -0.025 * np.ones((2, 2)), rtol=1e-6)

@@ -33,7 +33,7 @@ def _dataset(root, name, values, channels=1, per_shard=5):
 
 
 def _config(data_dirs, **overrides):
-    cfg = ConfigDict({"source": "shards", "data_dirs": str(data_dirs), "weights": "", "augment": "none",
+    cfg = ConfigDict({"source": "shards", "data_dir": str(data_dirs), "weights": "", "augment": "none",
                       "synthetic_count": 16, "synthetic_seed": 0, "num_threads": 2, "prefetch_buffer": 8,
                       "device_prefetch": 2, "worker_processes": 0, "max_corrupt_fraction": 0.01})
     cfg.update(overrides)

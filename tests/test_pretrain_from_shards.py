@@ -8,8 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pretrain = pytest.importorskip("usf_mae_jax.train.pretrain")
-from configs import pretrain as pretrain_configs  # noqa: E402
+from configs import pretrain as pretrain_configs
+from usf_mae_jax.trainers import loop
+from usf_mae_jax.trainers.pretrain import PretrainTask
+
+
+def train(config, workdir):
+    return loop.run(config, workdir, PretrainTask(config))
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +29,7 @@ def test_pretraining_runs_from_synthetic_shards_and_resumes(tmp_path):
         c = pretrain_configs.get_config("demo")
         c.unlock()
         c.input.source = "shards"
-        c.input.data_dirs = str(data)
+        c.input.data_dir = str(data)
         c.input.augment = "usf_mae"
         c.model.variant, c.model.img_size, c.model.patch_size = "mu", 32, 8
         c.batch_size = 4
@@ -34,11 +39,11 @@ def test_pretraining_runs_from_synthetic_shards_and_resumes(tmp_path):
         return c
 
     workdir = str(tmp_path / "work")
-    first = pretrain.train(config(3), workdir)
+    first = train(config(3), workdir)
     assert first["final_step"] == 3
     assert len(first["losses"]) == 3 and all(np.isfinite(loss) for loss in first["losses"])
     saved = sorted((Path(workdir) / "checkpoints").glob("*/data_iter/process_0-of-1.json"))
     assert saved, "the iterator state is saved next to the train state"
-    assert json.loads(saved[-1].read_text())["pipeline"]["data_dirs"] == str(data)
-    resumed = pretrain.train(config(5), workdir)
+    assert json.loads(saved[-1].read_text())["pipeline"]["data_dir"] == str(data)
+    resumed = train(config(5), workdir)
     assert resumed["start_step"] == 3 and resumed["final_step"] == 5

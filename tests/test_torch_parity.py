@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from torch_reference import TimmStyleViT, build_reference_mae
 
 from usf_mae_jax.interop import torch_mae, torch_pickle
 from usf_mae_jax.models import vit
 from usf_mae_jax.models.mae import MaskedAutoencoder
+from usf_mae_jax.torch_reference import TimmStyleViT, build_reference_mae
 
 TOLERANCE = 1e-5
 # Architectures given to the reference; heads must match the preset of that width (mu: 2, small: 6).

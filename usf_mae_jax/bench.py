@@ -7,7 +7,7 @@ It times the full jitted train step (forward, backward, AdamW update, donated st
 after compiling and warming up, over all local devices (data parallel, or FSDP with --fsdp), and reports the
 median over `--rounds` rounds of `--steps` steps. FLOPs come from XLA's cost analysis of the compiled step. MFU
 is reported against the device's peak dense bf16 FLOP/s from PEAK_BF16_TFLOPS. `--torch` also times the
-plain-PyTorch reference MAE (tests/torch_reference.py, same architecture, torch.optim.AdamW) in a worker
+plain-PyTorch reference MAE (usf_mae_jax/torch_reference.py, same architecture, torch.optim.AdamW) in a worker
 process (`usf_mae_jax/torch_bench.py`), the two taking turns in every round; `jax_over_torch` is the median of
 the per-round speed ratios.
 
@@ -29,9 +29,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from usf_mae_jax import host_memory
+from usf_mae_jax.core import sharding
+from usf_mae_jax.models import vit
 from usf_mae_jax.torch_bench import TorchProcess, minor_faults
-from usf_mae_jax.train import sharding
-from usf_mae_jax.train.state import build_model_config, create_train_setup
+from usf_mae_jax.trainers import loop
+from usf_mae_jax.trainers.pretrain import PretrainTask
 
 # Peak dense bf16 matrix throughput per chip, TFLOP/s, from the vendors' data sheets: NVIDIA H100 SXM5 and H200
 # (989.4 without sparsity), H100 PCIe (756), A100 (312), L4 (121), V100 (125, fp16 tensor cores); Google Cloud
@@ -69,11 +71,12 @@ class JaxStep:
     """The compiled, donated train step on random uint8 batches, ready to be timed in rounds."""
 
     def __init__(self, config: ml_collections.ConfigDict, batch_size: int, fsdp: int):
-        model_config = build_model_config(config.model)
-        self.mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}))
-        setup = create_train_setup(model_config, config.optimizer, self.mesh, seed=0,
-                                   mask_ratio=config.model.mask_ratio, peak_lr=1e-4, total_updates=10_000,
-                                   warmup_updates=100, fsdp_min_size=config.mesh.fsdp_min_size)
+        config = bench_config(config, batch_size, fsdp)
+        model_config = vit.config_from_block(config.model)
+        self.mesh = sharding.make_mesh(config.mesh)
+        task = PretrainTask(config)
+        task.prepare(self.mesh, "")
+        setup = loop.build(config, task, self.mesh)  # the training loop's own step, guard included
         self.state = setup.init()
         images = np.random.default_rng(0).integers(
             0, 256, (batch_size, model_config.img_size, model_config.img_size, model_config.in_chans), np.uint8)
@@ -113,6 +116,21 @@ class JaxStep:
             self.run(3)
 
 
+def bench_config(config: ml_collections.ConfigDict, batch_size: int, fsdp: int) -> ml_collections.ConfigDict:
+    """The pretraining config with the data, duration and mesh of a benchmark: the step is what a run
+    compiles, with the lr schedule mid-warmup (random uint8 batches stand in for the data)."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.input.update(source="synthetic", synthetic_count=batch_size * 10_000)
+        for field in ("total_epochs", "warmup_epochs", "warmup_fraction"):
+            config[field] = None
+        config.update(total_steps=10_000, warmup_steps=100, batch_size=batch_size, grad_accum_steps=1,
+                      init=None, preset="bench")
+        config.optimizer.lr = 1e-4
+        config.mesh.update(data=-1, fsdp=fsdp)
+    return config
+
+
 def timed_rounds(runners: dict, steps: dict, rounds: int, warmup: int) -> tuple[dict, dict]:
     """Seconds per step for each runner, `rounds` times, the runners taking turns within each round.
 
@@ -139,7 +157,7 @@ def bench(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup
     jax_step = JaxStep(config, batch_size, fsdp)
     runners, counts = {"jax": jax_step}, {"jax": steps}
     if with_torch:
-        runners["torch"] = TorchProcess(build_model_config(config.model), config.optimizer, batch_size,
+        runners["torch"] = TorchProcess(vit.config_from_block(config.model), config.optimizer, batch_size,
                                         config.model.mask_ratio)
         counts["torch"] = torch_steps or steps
     try:
@@ -184,7 +202,7 @@ def main(argv):
             config.model.dtype = FLAGS.dtype
         if FLAGS.attention:
             config.model.attention = FLAGS.attention
-    model_config = build_model_config(config.model)
+    model_config = vit.config_from_block(config.model)
     device = jax.devices()[0]
     print(f"device={device.platform}:{device.device_kind} devices={jax.device_count()} variant={config.model.variant} "
           f"img_size={model_config.img_size} batch_size={FLAGS.batch_size} dtype={model_config.dtype}", flush=True)

@@ -99,6 +99,14 @@ def run_cli(work: Callable[[], int | None], prog: str, verbose: bool = False) ->
     return int(status or 0)
 
 
+def define_verbose_flag() -> None:
+    """Defines absl's `--verbose` once, for every absl entry point imported into one process."""
+    from absl import flags
+
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, "Show the traceback of expected errors too (bad config, missing files).")
+
+
 def verbose_requested(argv: list[str]) -> bool:
     """True when `--verbose` (or `-v`) is on the command line, for entry points that parse it late."""
     return any(a in ("--verbose", "-v", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv)

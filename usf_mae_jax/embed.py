@@ -1,7 +1,7 @@
 """Feature extraction for users: one embedding per record, with its source and label.
 
     python -m usf_mae_jax.embed --init PATH --data_dir OUT --out features.npz \
-        [--img_size 224] [--pool auto|cls|mean] [--batch_size 64] [--benchmark busbra] [--variant roi]
+        [--img_size 224] [--pool auto|cls|mean] [--batch_size 64] [--benchmark busbra] [--subset roi]
 
 `--init` is anything `config.init` accepts: a pretraining or fine-tune workdir, an interop import directory
 or a PyTorch `.pth`/`.pt`/`.safetensors`. `--data_dir` is either
@@ -31,7 +31,8 @@ from collections.abc import Iterator
 import numpy as np
 from absl import app, flags
 
-from usf_mae_jax import host_memory
+from usf_mae_jax import cli, host_memory
+from usf_mae_jax.cli import CheckpointError, ConfigError, DataError, MissingInputError, run_cli
 
 flags.DEFINE_string("init", None, "Pretrained weights: workdir, interop import dir or .pth/.pt/.safetensors.")
 flags.DEFINE_string("data_dir", None,
@@ -41,16 +42,17 @@ flags.DEFINE_integer("img_size", 0, "Input size; 0 = the init's image size.")
 flags.DEFINE_enum("pool", "auto", ["auto", "cls", "mean"], "Which feature: cls token or mean patch token.")
 flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
 flags.DEFINE_string("benchmark", "", "Benchmark name when --data_dir holds several converted benchmarks.")
-flags.DEFINE_string("variant", "", "Benchmark variant (GIST514-DB: roi or raw).")
+flags.DEFINE_string("subset", "", "Benchmark subset (GIST514-DB: roi or raw).")
+cli.define_verbose_flag()
 FLAGS = flags.FLAGS
 
 log = logging.getLogger(__name__)
 META_FIELDS = ("source", "id", "dataset", "subject", "split")
 
 
-def _benchmark_dirs(data_dir: str, benchmark: str, variant: str) -> list[tuple[str, str]]:
+def _benchmark_dirs(data_dir: str, benchmark: str, subset: str) -> list[tuple[str, str]]:
     """(name, version dir) of each converted benchmark under `data_dir`; [] if there is none."""
-    from data_prep.benchmarks import reader
+    from usf_mae_jax.data import benchmarks as reader
 
     if os.path.isfile(os.path.join(data_dir, "splits.json")):
         with open(os.path.join(data_dir, "splits.json")) as f:
@@ -60,7 +62,7 @@ def _benchmark_dirs(data_dir: str, benchmark: str, variant: str) -> list[tuple[s
     found = []
     for name in names:
         try:
-            found.append((name, reader.find_version_dir(data_dir, name, variant or None)))
+            found.append((name, reader.find_version_dir(data_dir, name, subset or None)))
         except FileNotFoundError:
             if benchmark:
                 raise
@@ -69,7 +71,7 @@ def _benchmark_dirs(data_dir: str, benchmark: str, variant: str) -> list[tuple[s
 
 def iter_benchmark(version_dir: str, name: str) -> Iterator[dict]:
     """Every stored record of a converted benchmark, part by part (each record once)."""
-    from data_prep.benchmarks.reader import SplitSource
+    from usf_mae_jax.data.benchmarks import SplitSource
 
     with open(os.path.join(version_dir, "splits.json")) as f:
         parts = json.load(f)["parts"]
@@ -80,47 +82,42 @@ def iter_benchmark(version_dir: str, name: str) -> Iterator[dict]:
             yield {**example, "dataset": name, "split": part}
 
 
-def iter_shards(data_dirs: str) -> Iterator[dict]:
+def iter_shards(data_dir: str) -> Iterator[dict]:
     """Every record of every split of the shard folders (data_prep/writer.py layout), decoded."""
     import grain
 
-    from usf_mae_jax.data import pipeline, records
+    from usf_mae_jax.data import folders, records
 
-    for entry in [d.strip() for d in data_dirs.split(",") if d.strip()]:
-        folders = [entry] if os.path.isfile(os.path.join(entry, pipeline.MANIFEST_NAME)) else sorted(
-            os.path.join(entry, d) for d in os.listdir(entry)
-            if os.path.isfile(os.path.join(entry, d, pipeline.MANIFEST_NAME)))
-        if not folders:
-            raise FileNotFoundError(f"{entry}: neither a converted benchmark (splits.json) nor shard "
-                                    f"folders ({pipeline.MANIFEST_NAME}); convert it with "
-                                    "`python -m data_prep ...` first")
-        for folder in folders:
-            with open(os.path.join(folder, pipeline.MANIFEST_NAME)) as f:
-                manifest = json.load(f)
-            for split in sorted(manifest.get("shards", {})):
-                paths = [os.path.join(folder, name) for name in manifest["shards"][split]]
-                if not paths:
-                    continue
-                source = grain.sources.ArrayRecordDataSource(paths)
-                for i in range(len(source)):
-                    try:
-                        record = records.decode(source[i])
-                    except records.CorruptRecordError as err:
-                        raise ValueError(f"{folder}: record {i} of split {split} is corrupt: {err}") from err
-                    frame = record["frame"]
-                    record_id = record["source"] if frame < 0 else f"{record['source']}#{frame}"
-                    yield {"image": record["image"], "label": record["label"], "subject": record["subject"],
-                           "source": record["source"], "id": record_id, "dataset": record["dataset"],
-                           "split": split}
+    for entry in folders.entries(data_dir):
+        if not folders.manifest_folders(entry):
+            raise MissingInputError(f"{entry}: neither a converted benchmark (splits.json) nor shard folders "
+                                    f"({folders.MANIFEST_NAME}); convert it with `python -m data_prep ...` first")
+    for folder in folders.dataset_folders(data_dir, "--data_dir"):
+        with open(os.path.join(folder, folders.MANIFEST_NAME)) as f:
+            manifest = json.load(f)
+        for split in sorted(manifest.get("shards", {})):
+            paths = [os.path.join(folder, name) for name in manifest["shards"][split]]
+            if not paths:
+                continue
+            source = grain.sources.ArrayRecordDataSource(paths)
+            for i in range(len(source)):
+                try:
+                    record = records.decode(source[i])
+                except records.CorruptRecordError as err:
+                    raise DataError(f"{folder}: record {i} of split {split} is corrupt: {err}") from err
+                frame = record["frame"]
+                record_id = record["source"] if frame < 0 else f"{record['source']}#{frame}"
+                yield {"image": record["image"], "label": record["label"], "subject": record["subject"],
+                       "source": record["source"], "id": record_id, "dataset": record["dataset"], "split": split}
 
 
-def iter_records(data_dir: str, benchmark: str = "", variant: str = "") -> Iterator[dict]:
+def iter_records(data_dir: str, benchmark: str = "", subset: str = "") -> Iterator[dict]:
     if not data_dir:
-        raise ValueError("--data_dir is required")
+        raise ConfigError("--data_dir is required")
     first = data_dir.split(",")[0].strip()
     if not os.path.isdir(first):
-        raise FileNotFoundError(f"--data_dir {first} is not a directory")
-    found = _benchmark_dirs(first, benchmark, variant) if "," not in data_dir else []
+        raise MissingInputError(f"--data_dir {first} is not a directory")
+    found = _benchmark_dirs(first, benchmark, subset) if "," not in data_dir else []
     if found:
         for name, version_dir in found:
             yield from iter_benchmark(version_dir, name)
@@ -135,12 +132,12 @@ def build_encoder(init: str, img_size: int, pool: str):
     import jax
     from flax import nnx
 
+    from usf_mae_jax.core import checkpoint
     from usf_mae_jax.models import classifier, vit
-    from usf_mae_jax.train import checkpoint
 
-    params, fields = checkpoint.load_init_params(init)
+    params, fields = checkpoint.load_params(init)
     if fields is None:
-        raise ValueError(f"init {init}: its model configuration is unknown (a workdir without config.json?)")
+        raise CheckpointError(f"init {init}: its model configuration is unknown (a workdir without config.json?)")
     source = vit.ModelConfig(**{k: v for k, v in fields.items()
                                 if k in {f.name for f in dataclasses.fields(vit.ModelConfig)}})
     config = dataclasses.replace(source, img_size=img_size or source.img_size)
@@ -159,12 +156,13 @@ def build_encoder(init: str, img_size: int, pool: str):
 
 
 def embed(init: str, data_dir: str, out: str, img_size: int = 0, pool: str = "auto", batch_size: int = 64,
-          benchmark: str = "", variant: str = "") -> dict:
+          benchmark: str = "", subset: str = "") -> dict:
     """Writes the `.npz` described in the module docstring; returns {'count', 'dim', 'pool', 'img_size'}."""
+    from usf_mae_jax.core import files
     from usf_mae_jax.data import augment, pipeline
 
     if batch_size < 1:
-        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"--batch_size must be positive, got {batch_size}")
     encode, config, pool = build_encoder(init, img_size, pool)
     resize = augment.make_augment("eval", config.img_size)
     chunks, meta, labels, pending = [], {k: [] for k in META_FIELDS}, [], []
@@ -176,7 +174,7 @@ def embed(init: str, data_dir: str, out: str, img_size: int = 0, pool: str = "au
         chunks.append(encode(padded)[:len(batch)])
         pending.clear()
 
-    for record in iter_records(data_dir, benchmark, variant):
+    for record in iter_records(data_dir, benchmark, subset):
         image = pipeline.set_channels(record["image"], config.in_chans if config.in_chans in (1, 3) else 3)
         pending.append(resize(image, None))
         for key in META_FIELDS:
@@ -187,10 +185,9 @@ def embed(init: str, data_dir: str, out: str, img_size: int = 0, pool: str = "au
     if pending:
         flush()
     if not labels:
-        raise ValueError(f"no records found under {data_dir}")
+        raise DataError(f"no records found under {data_dir}")
     embeddings = np.concatenate(chunks).astype(np.float32)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.savez(out, embeddings=embeddings, label=np.asarray(labels, np.int64),
+    files.write_npz(out, embeddings=embeddings, label=np.asarray(labels, np.int64),
              **{k: np.asarray(v) for k, v in meta.items()})
     log.info("wrote %d embeddings of dim %d (%s pool, %d px) to %s", len(labels), embeddings.shape[1], pool,
              config.img_size, out)
@@ -200,14 +197,16 @@ def embed(init: str, data_dir: str, out: str, img_size: int = 0, pool: str = "au
 def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not FLAGS.init:
-        sys.exit("embed: --init is required (a workdir, an interop import dir or a .pth)")
-    try:
+
+    def work() -> int:
+        if not FLAGS.init:
+            raise ConfigError("--init is required (a workdir, an interop import dir or a .pth)")
         summary = embed(FLAGS.init, FLAGS.data_dir, FLAGS.out, FLAGS.img_size, FLAGS.pool, FLAGS.batch_size,
-                        FLAGS.benchmark, FLAGS.variant)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"embed: {err}")
-    print(json.dumps({"out": FLAGS.out, **summary}))
+                        FLAGS.benchmark, FLAGS.subset)
+        print(json.dumps({"out": FLAGS.out, **summary}))
+        return 0
+
+    sys.exit(run_cli(work, "embed", FLAGS.verbose))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The PyTorch side of `usf_mae_jax.bench --torch`: the reference MAE step, timed in its own process.
 
-The reference model is `tests/torch_reference.py` (plain torch, the reference MAE function, SDPA attention,
+The reference model is `usf_mae_jax/torch_reference.py` (plain torch, the reference MAE function, SDPA attention,
 exact GELU) with `torch.optim.AdamW`: forward, backward and update, the step the official code runs.
 
 It runs in a separate Python process that the benchmark drives over a pipe, one timing round at a time, so
@@ -37,9 +37,9 @@ class TorchStep:
     """The reference MAE in plain PyTorch: forward, backward and torch.optim.AdamW, on random images."""
 
     def __init__(self, spec: dict):
-        sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
         import torch
-        from torch_reference import build_reference_mae
+
+        from usf_mae_jax.torch_reference import build_reference_mae
 
         torch.manual_seed(0)
         self.torch = torch
@@ -84,7 +84,7 @@ class TorchProcess:
         if not line:
             code = self.process.wait()
             raise SystemExit(f"the torch benchmark worker exited with status {code}; --torch needs the test "
-                             f"requirements (torch==2.13.0 CPU) and tests/torch_reference.py")
+                             f"requirements (torch==2.13.0 CPU), which usf_mae_jax/torch_reference.py needs")
         return line.strip()
 
     def run(self, steps: int) -> tuple[float, float | None]:

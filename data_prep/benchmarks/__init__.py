@@ -13,13 +13,13 @@ path relative to the raw root, is the record id. Each benchmark's official split
 count that differs from the documented totals is a warning in `manifest.json`, and every skipped file is
 listed there with its reason. Masks are never read.
 
-Reading, for the fine-tuning and embedding code (see `reader` for the details):
+Reading, for the fine-tuning and embedding code (see `usf_mae_jax.data.benchmarks` for the details):
 
     src = load_split(OUT, "busbra", "test", fold=1)    # random access: src[i] -> {"image": uint8 HWC,
                                                         #   "label", "subject", "source", "id"}
     src.ids, src.labels                                 # membership and labels without decoding
     class_names(OUT, "mmotu")                           # names in label order
-    split_ids(OUT, "gist514", "train", fold=3, variant="raw")
+    split_ids(OUT, "gist514", "train", fold=3, subset="raw")
 """
 
 from data_prep.benchmarks.busbra import Busbra
@@ -28,7 +28,7 @@ from data_prep.benchmarks.convert import BENCHMARKS, convert
 from data_prep.benchmarks.gist514 import Gist514
 from data_prep.benchmarks.labelled import Labelled
 from data_prep.benchmarks.mmotu import Mmotu
-from data_prep.benchmarks.reader import SplitSource, class_names, load_split, manifest, split_ids
+from usf_mae_jax.data.benchmarks import SplitSource, class_names, load_split, manifest, split_ids
 
 __all__ = ["BENCHMARKS", "Busbra", "Gist514", "Labelled", "LayoutError", "Mmotu", "SplitSource", "class_names",
            "convert", "load_split", "manifest", "split_ids"]

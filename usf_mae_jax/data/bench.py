@@ -39,7 +39,7 @@ IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)[:, None, None]
 
 
 def _input_config(args: argparse.Namespace) -> ConfigDict:
-    return ConfigDict({"source": "shards", "data_dirs": args.data_dir, "weights": "", "augment": args.augment,
+    return ConfigDict({"source": "shards", "data_dir": args.data_dir, "weights": "", "augment": args.augment,
                        "synthetic_count": 0, "synthetic_seed": 0, "num_threads": args.threads,
                        "prefetch_buffer": args.prefetch, "device_prefetch": 1, "worker_processes": args.workers,
                        "max_corrupt_fraction": 0.01})

@@ -53,8 +53,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from usf_mae_jax.core import sharding
 from usf_mae_jax.data import augment, records, synthetic
-from usf_mae_jax.train import sharding
 
 MANIFEST_NAME = "manifest.json"
 MIN_RECORDS_FOR_CORRUPT_CHECK = 100  # do not fail a run on 1 bad record among the first 10
@@ -336,7 +336,7 @@ def _sources(input_cfg: Any, img_size: int) -> tuple[list[Any], list[str], list[
         images = _synthetic_images(int(input_cfg.synthetic_count), img_size, int(input_cfg.synthetic_seed))
         return [InMemorySource(images)], ["synthetic"], [len(images)], 1
     if input_cfg.source == "shards":
-        datasets = find_datasets(input_cfg.data_dirs)
+        datasets = find_datasets(input_cfg.data_dir)
         sources = [grain.sources.ArrayRecordDataSource(list(d.paths)) for d in datasets]
         for info, source in zip(datasets, sources):
             if len(source) != info.size:
@@ -373,7 +373,7 @@ def build_host_dataset(input_cfg: Any, *, batch_size: int, img_size: int, seed: 
 
 def describe(input_cfg: Any, img_size: int, seed: int) -> dict[str, Any]:
     """What determines the stream; stored with the iterator state to flag a resume onto different data."""
-    return {"source": str(input_cfg.source), "data_dirs": str(input_cfg.get("data_dirs", "")),
+    return {"source": str(input_cfg.source), "data_dir": str(input_cfg.get("data_dir", "")),
             "weights": str(input_cfg.get("weights", "")), "augment": str(input_cfg.augment),
             "img_size": int(img_size), "seed": int(seed), "process_count": jax.process_count(),
             "worker_processes": int(input_cfg.worker_processes)}
@@ -464,5 +464,5 @@ def images_per_epoch(input_cfg: Any) -> int:
     if input_cfg.source == "synthetic":
         return int(input_cfg.synthetic_count)
     if input_cfg.source == "shards":
-        return sum(d.size for d in find_datasets(input_cfg.data_dirs))
+        return sum(d.size for d in find_datasets(input_cfg.data_dir))
     raise ValueError(f"unknown input source {input_cfg.source!r}; choose synthetic or shards")

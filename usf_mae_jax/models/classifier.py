@@ -1,7 +1,7 @@
 """The ViT classifier for fine-tuning, and the linear-probe head, with the reference parameter names.
 
 Fine-tune model (the reference `models_vit.VisionTransformer` of facebookresearch/mae, described in
-`shared/reference/mae_fidelity.md`):
+docs/mae_fidelity.md):
 
     patch_embed, cls_token, pos_embed (1 + L, D) learned, blocks_{i}, then
       global_pool=True  (reference default): mean of the patch tokens -> fc_norm -> head
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from usf_mae_jax.core import trees
 from usf_mae_jax.models import pos_embed, vit
 from usf_mae_jax.models.vit import ModelConfig
 
@@ -107,65 +108,56 @@ class LinearProbeHead(nnx.Module):
         return self.head_1(self.head_0(features.astype(jnp.float32)))
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    flat = {}
-    for key, value in tree.items():
-        path = (*prefix, str(key))
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path))
-        else:
-            flat[path] = value
-    return flat
+def encoder_weights(model: ViTClassifier, params: Mapping, source_img_size: int | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """Pretrained encoder weights for `model` by '/'-path, from an MAE or classifier params pure-dict.
 
-
-def load_encoder_params(model: ViTClassifier, params: Mapping, source_img_size: int | None = None
-                        ) -> dict[str, list[str]]:
-    """Copies pretrained encoder weights (an MAE or classifier params pure-dict) into `model`, in place.
-
-    Copied: `patch_embed`, `cls_token`, `blocks_{i}`, and `norm` for a cls-pooled model. As the reference
+    Taken: `patch_embed`, `cls_token`, `blocks_{i}`, and `norm` for a cls-pooled model. As the reference
     fine-tune does for global pooling, `norm` is then dropped and `fc_norm` and `head` stay freshly
     initialised; decoder weights are ignored. The position table comes from `params['pos_embed']` when the
     source has a learned one, else from the fixed sin-cos table of the source grid; either way it is resized
     bicubically to the model's grid. Shapes must agree; anything else is a ValueError naming the parameter.
 
-    Returns {"loaded": [...], "fresh": [...], "ignored": [...]} as '/'-joined paths, for the run's log.
+    Returns (weights, report) with report {"loaded", "fresh", "ignored"} as '/'-joined paths, for the log.
     """
     config = model.config
-    source = _flatten(params)
-    target_state = nnx.state(model, nnx.Param)
-    target = _flatten(nnx.to_pure_dict(target_state))
+    source = trees.flatten(params)
+    target = trees.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     encoder_tops = {"patch_embed", "cls_token", *(f"blocks_{i}" for i in range(config.depth))}
     if not model.global_pool:
         encoder_tops.add("norm")
-    loaded, fresh = {}, []
-    for path, value in target.items():
-        if path[0] == "pos_embed":
+    weights, fresh = {}, []
+    for name, value in target.items():
+        top = name.split("/", 1)[0]
+        if top == "pos_embed":
             continue
-        if path[0] in encoder_tops:
-            if path not in source:
-                raise ValueError(f"pretrained params lack {'/'.join(path)}, needed by the classifier")
-            array = np.asarray(source[path], np.float32)
+        if top in encoder_tops:
+            if name not in source:
+                raise ValueError(f"pretrained params lack {name}, needed by the classifier")
+            array = np.asarray(source[name], np.float32)
             if array.shape != tuple(value.shape):
-                raise ValueError(f"pretrained {'/'.join(path)} has shape {array.shape}, the classifier "
-                                 f"expects {tuple(value.shape)}")
-            loaded[path] = jnp.asarray(array)
+                raise ValueError(f"pretrained {name} has shape {array.shape}, the classifier expects "
+                                 f"{tuple(value.shape)}")
+            weights[name] = array
         else:
-            fresh.append("/".join(path))
-    if ("pos_embed",) in source:
-        table = np.asarray(source[("pos_embed",)], np.float32).reshape(-1, config.width)
+            fresh.append(name)
+    if "pos_embed" in source:
+        table = np.asarray(source["pos_embed"], np.float32).reshape(-1, config.width)
     else:
         grid = (source_img_size or config.img_size) // config.patch_size
         table = pos_embed.sincos_2d(config.width, grid)
-    loaded[("pos_embed",)] = jnp.asarray(pos_embed.resize_patch_table(table, (config.grid, config.grid)))
-    new_state = dict(target)
-    new_state.update(loaded)
-    nested: dict = {}
-    for path, value in new_state.items():
-        node = nested
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    nnx.replace_by_pure_dict(target_state, nested)
-    nnx.update(model, target_state)
-    ignored = sorted("/".join(p) for p in source if p[0] not in encoder_tops and p[0] != "pos_embed")
-    return {"loaded": sorted("/".join(p) for p in loaded), "fresh": sorted(fresh), "ignored": ignored}
+    weights["pos_embed"] = np.asarray(pos_embed.resize_patch_table(table, (config.grid, config.grid)), np.float32)
+    ignored = sorted(n for n in source if n.split("/", 1)[0] not in encoder_tops and n != "pos_embed")
+    return weights, {"loaded": sorted(weights), "fresh": sorted(fresh), "ignored": ignored}
+
+
+def load_encoder_params(model: ViTClassifier, params: Mapping, source_img_size: int | None = None
+                        ) -> dict[str, list[str]]:
+    """Copies `encoder_weights(model, params, source_img_size)` into `model`, in place; returns the report."""
+    weights, report = encoder_weights(model, params, source_img_size)
+    state = nnx.state(model, nnx.Param)
+    current = trees.flatten(nnx.to_pure_dict(state))
+    current.update({name: jnp.asarray(value) for name, value in weights.items()})
+    nnx.replace_by_pure_dict(state, trees.unflatten(current))
+    nnx.update(model, state)
+    return report

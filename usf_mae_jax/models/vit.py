@@ -109,6 +109,14 @@ def model_config(variant: str = "base", **overrides) -> ModelConfig:
     return ModelConfig(**{**SIZES[variant], **overrides})
 
 
+def config_from_block(model_block: Any) -> ModelConfig:
+    """ModelConfig from a config's `model` block: the variant's sizes, overridden by every field that is set
+    (a ConfigDict or any mapping; fields that are None keep the variant's value)."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    overrides = {k: model_block[k] for k in fields if k in model_block and model_block[k] is not None}
+    return model_config(model_block["variant"], **overrides)
+
+
 def xavier_uniform():
     """torch.nn.init.xavier_uniform_ on a Linear weight (fan_in = in, fan_out = out)."""
     return nnx.initializers.xavier_uniform()

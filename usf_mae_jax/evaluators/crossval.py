@@ -1,6 +1,6 @@
 """Cross-validation driver: every (fold, seed) fine-tune or linear-probe run, then one comparison table.
 
-    python -m usf_mae_jax.train.crossval --config=configs/finetune.py:busbra --folds 1,2,3,4,5 \
+    python -m usf_mae_jax.evaluators.crossval --config=configs/finetune.py:busbra --folds 1,2,3,4,5 \
         [--seeds 0,1,2] --workdir W [--config.init=PATH --config.input.data_dir=OUT ...]
 
 Each run goes to `W/fold{K}_seed{S}/` with its own `results.json`, confusion PNG, `splits.json` (the exact
@@ -21,7 +21,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from usf_mae_jax import host_memory
+from usf_mae_jax import cli, host_memory
+from usf_mae_jax.cli import ConfigError, run_cli
 
 config_flags.DEFINE_config_file("config", "configs/finetune.py",
                                 "Fine-tune config file, optionally :preset,args.", lock_config=True)
@@ -29,9 +30,12 @@ flags.DEFINE_string("folds", "",
                     "Comma-separated folds (BUS-BRA 1..5, GIST514-DB 0..4); '' = the config's fold.")
 flags.DEFINE_string("seeds", "", "Comma-separated seeds; '' = the config's seed.")
 flags.DEFINE_string("workdir", None, "Root of the sweep; each run gets W/fold{K}_seed{S}.")
+cli.define_verbose_flag()
 FLAGS = flags.FLAGS
 
 log = logging.getLogger(__name__)
+
+CROSSVAL_TASKS = ("finetune", "linear_probe")
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -39,9 +43,9 @@ def parse_int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--{what} must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"--{what} must be comma-separated integers, got {text!r}") from None
     if len(set(values)) != len(values):
-        raise ValueError(f"--{what} repeats a value: {text!r}")
+        raise ConfigError(f"--{what} repeats a value: {text!r}")
     return values
 
 
@@ -52,11 +56,12 @@ def run_dir(workdir: str, fold: int | None, seed: int) -> str:
 def sweep(config: Any, workdir: str, folds: list[int | None], seeds: list[int], run_fn=None) -> dict:
     """Runs every (fold, seed) not finished yet, then writes the table; returns {'table', 'runs'}.
 
-    `run_fn(config, workdir)` defaults to `finetune.run`; tests pass a stand-in.
+    `run_fn(config, workdir)` defaults to a run of the training loop with the config's task; tests pass a
+    stand-in.
     """
-    from usf_mae_jax.train import finetune, metrics
+    from usf_mae_jax.evaluators import metrics
 
-    run_fn = run_fn or finetune.run
+    run_fn = run_fn or run_task
     runs = []
     for fold in folds:
         for seed in seeds:
@@ -72,11 +77,11 @@ def sweep(config: Any, workdir: str, folds: list[int | None], seeds: list[int], 
                 log.info("cross-validation: fold %s seed %d already done in %s", fold, seed, target)
             with open(results_path) as f:
                 runs.append({"fold": fold, "seed": seed, "workdir": target, **json.load(f)})
-    title = (f"{config.dataset} {config.method} ({len(folds)} fold(s) x {len(seeds)} seed(s); init: "
+    title = (f"{config.dataset} {config.task} ({len(folds)} fold(s) x {len(seeds)} seed(s); init: "
              f"{config.init or 'random'})")
     table = metrics.crossval_table(runs, paper=metrics.paper_reference(config.dataset), title=title)
     table += ("\nValues in %; std is the sample std over runs. The paper reports one F1 per benchmark "
-              "without saying macro or weighted (usf_mae_recipe.md); it is shown next to our macro F1.\n")
+              "without saying macro or weighted (docs/usf_mae_recipe.md); it is shown next to our macro F1.\n")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "crossval.md"), "w") as f:
         f.write(table)
@@ -86,24 +91,36 @@ def sweep(config: Any, workdir: str, folds: list[int | None], seeds: list[int], 
     return {"table": table, "runs": runs}
 
 
+def run_task(config: Any, workdir: str) -> dict:
+    """One run of the training loop with the task `config.task` names."""
+    from usf_mae_jax.trainers import loop, registry
+
+    return loop.run(config, workdir, registry.create(config))
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = FLAGS.config
-    if config.mode != "finetune":
-        sys.exit(f"crossval: --config must be a fine-tune config (configs/finetune.py), got mode "
-                 f"{config.mode!r}")
-    if not FLAGS.workdir:
-        sys.exit("crossval: --workdir is required")
-    try:
+
+    def work() -> int:
+        from usf_mae_jax.core import steps
+
+        config = FLAGS.config
+        steps.prefer_overrides(config, [n[len("config."):] for n in FLAGS if n.startswith("config.")
+                                        and FLAGS[n].present])
+        if config.task not in CROSSVAL_TASKS:
+            raise ConfigError(f"crossval: --config must be a downstream config (task {' or '.join(CROSSVAL_TASKS)}), "
+                              f"got task {config.task!r}")
+        if not FLAGS.workdir:
+            raise ConfigError("crossval: --workdir is required")
         folds = parse_int_list(FLAGS.folds, "folds") or [config.fold]
         seeds = parse_int_list(FLAGS.seeds, "seeds") or [config.seed]
-        result = sweep(config, FLAGS.workdir, folds, seeds)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"crossval: {err}")
-    print(result["table"])
+        print(sweep(config, FLAGS.workdir, folds, seeds)["table"])
+        return 0
+
+    sys.exit(run_cli(work, "crossval", FLAGS.verbose))
 
 
 if __name__ == "__main__":

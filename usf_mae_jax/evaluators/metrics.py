@@ -22,12 +22,12 @@ import cv2
 import numpy as np
 from sklearn import metrics as skm
 
-RESULT_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
-               "auc", "mcc", "per_class", "confusion_matrix", "n_test", "split")
-SCALAR_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
-               "auc", "mcc")
+RESULT_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "f1_binary", "precision_macro",
+               "recall_macro", "auc", "mcc", "per_class", "confusion_matrix", "n_test", "split")
+SCALAR_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "f1_binary", "precision_macro",
+               "recall_macro", "auc", "mcc")
 
-# USF-MAE's reported F1 (%), from the abstract of arXiv 2510.22990 (shared/reference/usf_mae_recipe.md).
+# USF-MAE's reported F1 (%), from the abstract of arXiv 2510.22990 (docs/usf_mae_recipe.md).
 PAPER_F1 = {"busbra": 81.6, "mmotu": 79.6, "gist514": 82.4}
 
 
@@ -88,6 +88,10 @@ def classification_results(y_true, y_prob, class_names: Sequence[str], split: st
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
         "f1_macro": float(skm.f1_score(y_true, y_pred, average="macro", **averaged)),
         "f1_weighted": float(skm.f1_score(y_true, y_pred, average="weighted", **averaged)),
+        # Two classes: the F1 of the positive class (label 1: malignant, GIST), which the paper's single
+        # "F1" may be; None for more classes.
+        "f1_binary": (float(skm.f1_score(y_true, y_pred, average="binary", pos_label=1, zero_division=0))
+                      if len(class_names) == 2 else None),
         "precision_macro": float(skm.precision_score(y_true, y_pred, average="macro", **averaged)),
         "recall_macro": float(skm.recall_score(y_true, y_pred, average="macro", **averaged)),
         "auc": roc_auc(y_true, y_prob),
@@ -212,7 +216,7 @@ def crossval_table(results: Sequence[dict], paper: dict[str, float] | None = Non
 def paper_reference(benchmark: str) -> dict[str, float]:
     """The published USF-MAE numbers for a benchmark, keyed by metric, for `crossval_table(paper=...)`.
 
-    The paper reports one F1 per benchmark without saying macro or weighted (usf_mae_recipe.md); we put it
+    The paper reports one F1 per benchmark without saying macro or weighted (docs/usf_mae_recipe.md); we put it
     next to our macro F1, the likelier protocol, and report weighted F1 beside it.
     """
     if benchmark not in PAPER_F1:

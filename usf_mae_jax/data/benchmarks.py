@@ -8,7 +8,7 @@
 `data_dir` is the converter's `--out_dir` (holding `<name>/[<config>/]<version>/`) or that version folder
 itself. `split` is `train`, `validation`, `test`, or `train_full` where the benchmark has it (MMOTU-2D and
 GIST514-DB: the official training list before the 5% validation hold-out). `fold` picks the round
-(BUS-BRA 1..5, default 1; GIST514-DB 0..4, default 0; MMOTU-2D and labelled sets have one, 0). `variant`
+(BUS-BRA 1..5, default 1; GIST514-DB 0..4, default 0; MMOTU-2D and labelled sets have one, 0). `subset`
 picks a builder config (GIST514-DB: `roi`, the default, or `raw`). `channels` (1 or 3) converts images on
 read, e.g. 3 for a model that wants RGB; None returns them as stored.
 
@@ -24,8 +24,10 @@ import os
 
 import numpy as np
 
+from usf_mae_jax.cli import ConfigError, DataError, MissingInputError
+
 BUILDER_NAMES = {"busbra": "busbra", "mmotu": "mmotu", "gist514": "gist514", "labelled": "labelled"}
-DEFAULT_VARIANTS = {"gist514": "roi"}
+DEFAULT_SUBSETS = {"gist514": "roi"}
 
 
 def _has_splits(path: str) -> bool:
@@ -37,20 +39,20 @@ def _version_key(name: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else -1 for p in name.split("."))
 
 
-def find_version_dir(data_dir: str, benchmark: str, variant: str | None = None) -> str:
+def find_version_dir(data_dir: str, benchmark: str, subset: str | None = None) -> str:
     """The folder of a converted benchmark (newest version), or FileNotFoundError saying what was looked for."""
     if _has_splits(data_dir):
         return data_dir
     if benchmark not in BUILDER_NAMES:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BUILDER_NAMES)}")
+        raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BUILDER_NAMES)}")
     base = os.path.join(data_dir, BUILDER_NAMES[benchmark])
-    variant = variant or DEFAULT_VARIANTS.get(benchmark)
-    if variant:
-        base = os.path.join(base, variant)
+    subset = subset or DEFAULT_SUBSETS.get(benchmark)
+    if subset:
+        base = os.path.join(base, subset)
     versions = sorted((d for d in os.listdir(base) if _has_splits(os.path.join(base, d))),
                       key=_version_key) if os.path.isdir(base) else []
     if not versions:
-        raise FileNotFoundError(f"no converted {benchmark} under {base} (expected <version>/splits.json and "
+        raise MissingInputError(f"no converted {benchmark} under {base} (expected <version>/splits.json and "
                                 f"dataset_info.json); run `python -m data_prep {benchmark} --raw_dir RAW "
                                 f"--out_dir {data_dir}` first")
     return os.path.join(base, versions[-1])
@@ -68,19 +70,19 @@ def _read_splits_cached(path: str, mtime: float) -> dict:
         return json.load(f)
 
 
-def class_names(data_dir: str, benchmark: str, variant: str | None = None) -> list[str]:
-    return list(_read_splits(find_version_dir(data_dir, benchmark, variant))["class_names"])
+def class_names(data_dir: str, benchmark: str, subset: str | None = None) -> list[str]:
+    return list(_read_splits(find_version_dir(data_dir, benchmark, subset))["class_names"])
 
 
 def split_ids(data_dir: str, benchmark: str, split: str, fold: int | str | None = None,
-              variant: str | None = None) -> list[str]:
+              subset: str | None = None) -> list[str]:
     """The record ids (sources) of one official split, in the converter's order."""
-    splits = _read_splits(find_version_dir(data_dir, benchmark, variant))
+    splits = _read_splits(find_version_dir(data_dir, benchmark, subset))
     key = splits["default_fold"] if fold is None else str(fold)
     if key not in splits["folds"]:
-        raise ValueError(f"{benchmark} has no fold {fold!r}; folds are {sorted(splits['folds'])}")
+        raise ConfigError(f"{benchmark} has no fold {fold!r}; folds are {sorted(splits['folds'])}")
     if split not in splits["folds"][key]:
-        raise ValueError(f"{benchmark} fold {key} has no split {split!r}; splits are "
+        raise ConfigError(f"{benchmark} fold {key} has no split {split!r}; splits are "
                          f"{sorted(splits['folds'][key])}")
     return list(splits["folds"][key][split])
 
@@ -102,7 +104,7 @@ class SplitSource:
                 where[record_id] = (part, i, label)
         missing = [i for i in ids if i not in where]
         if missing:
-            raise ValueError(f"{version_dir}: split ids not stored in any part, e.g. {missing[:5]}")
+            raise DataError(f"{version_dir}: split ids not stored in any part, e.g. {missing[:5]}")
         self.version_dir = version_dir
         self.ids = list(ids)
         self.labels = np.array([where[i][2] for i in ids], np.int64)
@@ -138,13 +140,13 @@ class SplitSource:
 
 
 def load_split(data_dir: str, benchmark: str, split: str, fold: int | str | None = None,
-               variant: str | None = None, channels: int | None = None) -> SplitSource:
+               subset: str | None = None, channels: int | None = None) -> SplitSource:
     """A random-access source of one official split; see the module docstring."""
-    version_dir = find_version_dir(data_dir, benchmark, variant)
+    version_dir = find_version_dir(data_dir, benchmark, subset)
     return SplitSource(version_dir, split_ids(version_dir, benchmark, split, fold), channels)
 
 
-def manifest(data_dir: str, benchmark: str, variant: str | None = None) -> dict:
+def manifest(data_dir: str, benchmark: str, subset: str | None = None) -> dict:
     """The conversion manifest (counts, skipped files, warnings, hashes, licence)."""
-    with open(os.path.join(find_version_dir(data_dir, benchmark, variant), "manifest.json")) as f:
+    with open(os.path.join(find_version_dir(data_dir, benchmark, subset), "manifest.json")) as f:
         return json.load(f)

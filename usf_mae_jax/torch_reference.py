@@ -1,4 +1,7 @@
-"""Test-only plain-PyTorch reference models, written from `shared/reference/mae_fidelity.md`.
+"""Plain-PyTorch reference models (an optional module: it needs torch), written from docs/mae_fidelity.md.
+
+The parity tests compare our Flax model with these, and `python -m usf_mae_jax.bench --torch` times their
+train step; nothing else in the package imports torch.
 
 `ReferenceMAE` computes the reference `MaskedAutoencoderViT` function with the reference state-dict keys
 (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`,

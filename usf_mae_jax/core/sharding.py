@@ -1,6 +1,6 @@
 """Device mesh and shardings, inferred from array shapes.
 
-One code path for one CPU, eight GPUs and a TPU pod (DESIGN.md, "Sharding"):
+One code path for one CPU, eight GPUs and a TPU pod (docs/design.md, "Sharding"):
   * the mesh has axes ('data', 'fsdp'), with Auto axis types so XLA inserts the FSDP all-gathers;
   * batches are split over both axes;
   * a parameter (or optimizer moment) is sharded over 'fsdp' along its largest dimension divisible by the
@@ -75,6 +75,25 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def to_global(host_batch: dict[str, Any], batch_sharded: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of a global batch -> global `jax.Array`s split over the mesh's batch axes.
+
+    Every process passes its own rows (the global batch divided by the process count, in process order);
+    the one place where host batches become device arrays, for every task.
+    """
+    return {name: jax.make_array_from_process_local_data(batch_sharded, np.asarray(rows))
+            for name, rows in host_batch.items()}
+
+
+def local_rows(global_batch: int) -> slice:
+    """The rows of a global batch that this process materialises (process i holds the i-th block)."""
+    count, index = jax.process_count(), jax.process_index()
+    if global_batch % count:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {count} processes")
+    local = global_batch // count
+    return slice(index * local, (index + 1) * local)
 
 
 def describe(abstract_tree: Any, shardings: Any) -> list[str]:

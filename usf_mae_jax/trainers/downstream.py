@@ -1,0 +1,84 @@
+"""What the downstream classification tasks (full fine-tuning, linear probing) share on top of the loop.
+
+Both read a converted benchmark (`config.dataset`, `config.fold`, `config.subset` under `input.data_dir`)
+into memory, resolve `config.init`, write the audit files `splits.json` (the exact record ids of each split)
+and `provenance.json` (the init and the pretraining manifests it came from), evaluate the validation split
+every `eval_every` steps with scikit-learn metrics, select the state of the best validation macro-F1, and test
+it once into `results.json` and `confusion_matrix.png` (evaluators/metrics.py).
+
+A subclass supplies `probabilities(variables, split) -> (N, C)` and the training parts of the task contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from usf_mae_jax.core import files
+from usf_mae_jax.data import downstream
+from usf_mae_jax.evaluators import metrics
+from usf_mae_jax.trainers import initialization
+from usf_mae_jax.trainers.task import Task
+
+log = logging.getLogger(__name__)
+
+
+class ClassificationTask(Task):
+    """Base of the benchmark classification tasks; see the module docstring."""
+
+    select_metric = "f1_macro"
+
+    def prepare(self, mesh: Mesh, workdir: str) -> None:
+        config = self.config
+        self.mesh = mesh
+        self.data = downstream.load_benchmark(config.input.data_dir, config.dataset, config.fold, config.subset)
+        self.init = initialization.resolve_init(config)
+        self.num_classes = len(self.data.class_names)
+        self.pool = ThreadPoolExecutor(max(1, int(config.input.num_threads)))
+        self.eval_batch = downstream.eval_batch_size(int(config.eval_batch_size), mesh)
+
+    def start(self, workdir: str) -> None:
+        files.write_json(os.path.join(workdir, "splits.json"), self.data.membership())
+        files.write_json(os.path.join(workdir, "provenance.json"), self.init.provenance)
+
+    def examples_per_epoch(self) -> int:
+        return len(self.data.splits["train"])
+
+    def model_config(self):
+        return self.init.model_config
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "class_names": self.data.class_names}
+
+    def probabilities(self, variables: dict, split: str) -> np.ndarray:
+        """(N, C) class probabilities of a split under `variables`."""
+        raise NotImplementedError
+
+    def evaluate(self, variables: dict, step: int) -> dict[str, float]:
+        split = self.data.splits["validation"]
+        result = metrics.classification_results(split.labels, self.probabilities(variables, "validation"),
+                                                self.data.class_names, "validation")
+        return {k: result[k] for k in metrics.SCALAR_KEYS if result[k] is not None}
+
+    def test(self, variables: dict) -> dict[str, Any]:
+        split = self.data.splits["test"]
+        results = metrics.classification_results(split.labels, self.probabilities(variables, "test"),
+                                                 self.data.class_names, self.data.split_name("test"))
+        log.info("test: macro-F1 %.4f, accuracy %.4f (n=%d)", results["f1_macro"], results["accuracy"],
+                 results["n_test"])
+        return {k: results[k] for k in metrics.RESULT_KEYS}
+
+    def write_outputs(self, workdir: str, results: dict[str, Any]) -> None:
+        metrics.write_confusion_png(os.path.join(workdir, "confusion_matrix.png"),
+                                    np.asarray(results["confusion_matrix"]), self.data.class_names,
+                                    title=f"{results['split']}  n={results['n_test']}")
+
+    def close(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown()

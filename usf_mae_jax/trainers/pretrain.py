@@ -1,0 +1,130 @@
+"""MAE pretraining as a task of the training loop.
+
+    python launch.py --config=configs/pretrain.py:demo --workdir=runs/demo
+
+The model is the reference masked autoencoder (models/mae.py, docs/mae_fidelity.md); the loss is its masked
+patch MSE on the uint8 batch, patchified once and normalised on the device (`vit.normalized_patches`), with
+the masking noise drawn from the step key's `MASK_STREAM`. Batches come from the grain pipeline over the
+shards of `input.data_dir` (or synthetic images), whose position is part of every checkpoint.
+
+`init` loads pretrained weights (a PyTorch `.pth` of the ImageNet MAE, as USF-MAE continues from it, an
+interop import directory or another workdir) over the fresh model when the run starts; tensors the source
+lacks (e.g. the decoder of an encoder-only release) keep their fresh initialisation, and the reconstruction
+grids then say so. Every `vis_steps` a grid of reconstructions goes to `workdir/vis/` and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from usf_mae_jax.core import checkpoint, optim, sharding, trees
+from usf_mae_jax.core.steps import StepPlan
+from usf_mae_jax.data import pipeline
+from usf_mae_jax.evaluators import reconstruction
+from usf_mae_jax.models import vit
+from usf_mae_jax.models.mae import MaskedAutoencoder, validate_mask_ratio
+from usf_mae_jax.trainers.task import Task
+
+log = logging.getLogger(__name__)
+
+# Per-use streams folded into the step key.
+MASK_STREAM, VIS_STREAM = 0, 1
+
+
+def abstract_mae(model_config: vit.ModelConfig) -> tuple[Any, dict]:
+    """(graphdef, params as ShapeDtypeStructs) of the MAE, without allocating it."""
+    model = nnx.eval_shape(lambda: MaskedAutoencoder(model_config, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def mae_loss(graphdef, model_config: vit.ModelConfig, mask_ratio: float, params: Any, images: jax.Array,
+             key: jax.Array) -> jax.Array:
+    """The MAE loss of a uint8 batch; the shape check runs while tracing, before anything compiles."""
+    side = model_config.img_size
+    if tuple(images.shape[1:3]) != (side, side):
+        raise ValueError(f"batch images have shape {tuple(images.shape)} but the model takes {side}x{side} "
+                         "images (model.img_size)")
+    patches = vit.normalized_patches(images, model_config.patch_size, model_config.in_chans)
+    loss, _, _ = nnx.merge(graphdef, params).forward_patches(patches, mask_ratio,
+                                                            rng=jax.random.fold_in(key, MASK_STREAM))
+    return loss
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self._model_config = vit.config_from_block(config.model)
+        self.mask_ratio = float(config.model.mask_ratio)
+        validate_mask_ratio(self.mask_ratio)
+        self.graphdef, _ = abstract_mae(self._model_config)
+        self.decoder_fresh = False
+        self._vis_fn = None
+        self._plan: StepPlan | None = None
+        self._workdir = ""
+
+    def prepare(self, mesh: Mesh, workdir: str) -> None:
+        self._mesh, self._workdir = mesh, workdir
+        self._examples = pipeline.images_per_epoch(self.config.input)
+        if self.config.get("preset") == "usf_mae" and not self.config.init:
+            log.warning("the usf_mae recipe continues from the ImageNet MAE weights, but config.init is not set: "
+                        "pretraining starts from random weights. Pass --config.init=mae_pretrain_vit_base_full.pth")
+
+    def examples_per_epoch(self) -> int:
+        return self._examples
+
+    def model_config(self) -> vit.ModelConfig:
+        return self._model_config
+
+    def create_variables(self) -> dict:
+        model = MaskedAutoencoder(self._model_config, rngs=nnx.Rngs(int(self.config.seed)))
+        return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "extra": {}}
+
+    def initial_weights(self) -> dict[str, np.ndarray] | None:
+        if not self.config.init:
+            return None
+        params, _ = checkpoint.load_params(self.config.init)
+        weights = trees.flatten(params)
+        _, shapes = abstract_mae(self._model_config)
+        ours = set(trees.flatten(shapes))
+        self.decoder_fresh = not any(n.startswith("decoder_") and n in ours for n in weights)
+        return weights
+
+    def make_optimizer(self, schedule, params, plan: StepPlan):
+        return optim.make_optimizer(self.config.optimizer, schedule, params, grad_accum_steps=plan.grad_accum_steps)
+
+    def loss_fn(self, params, extra, batch, key):
+        loss = mae_loss(self.graphdef, self._model_config, self.mask_ratio, params, batch["image"], key)
+        return loss, ({}, extra)
+
+    def batches(self, plan: StepPlan, mesh: Mesh):
+        self._plan = plan
+        return pipeline.make_pretrain_iterator(self.config.input, global_batch_size=plan.batch_size,
+                                               img_size=self._model_config.img_size, seed=int(self.config.seed),
+                                               mesh=mesh)
+
+    def after_step(self, step: int, variables: dict, batch: dict, writer: Any) -> None:
+        every = int(self.config.vis_steps)
+        if not every or not (step % every == 0 or step == self._plan.total_steps):
+            return
+        if self._vis_fn is None:
+            count, graphdef, ratio = int(self.config.vis_count), self.graphdef, self.mask_ratio
+            self._vis_fn = jax.jit(lambda params, images, key: reconstruction.reconstruction_panels(
+                nnx.merge(graphdef, params), images[:count], ratio, key),
+                out_shardings=sharding.replicated(self._mesh))
+        key = jax.random.fold_in(jax.random.key(int(self.config.seed)), VIS_STREAM)
+        panels = self._vis_fn(variables["params"], batch["image"], key)
+        if jax.process_index() == 0:
+            note = "decoder freshly initialised: reconstructions are noise" if self.decoder_fresh else ""
+            grid = reconstruction.save_grid(np.asarray(panels),
+                                            os.path.join(self._workdir, "vis", f"step_{step:07d}.png"), note)
+            writer.image(step, "reconstructions", grid)
