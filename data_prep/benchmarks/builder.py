@@ -5,8 +5,8 @@ and a `parse(raw_dir)` that returns a `common.Plan`. The builder writes the plan
 five BUS-BRA test folds) as TFDS splits in `file_format='array_record'`, so every image is stored once. The
 official splits (per fold: train, validation, test), which overlap across folds, are written next to the
 shards as id lists in `splits.json`; `reader.load_split` assembles them. tensorflow is not needed:
-`download_and_prepare` runs from Python (`shared/reference/jax_stack.md`, section 2c), and images are handed
-to TFDS as PNG bytes that we encode with OpenCV (TFDS encodes arrays with tensorflow).
+`download_and_prepare` runs from Python (docs/design.md), and images are handed to TFDS as PNG bytes that we
+encode with OpenCV (TFDS encodes arrays with tensorflow).
 
 Output, for `out_dir`:
 
@@ -36,7 +36,7 @@ from data_prep.benchmarks import common
 from data_prep.writer import file_sha256
 
 CONVERTER_VERSION = "1.0.0"
-DEFAULT_MAX_SIDE = 512  # DESIGN.md, "Shards": converters cap the longest side so decoding stays cheap
+DEFAULT_MAX_SIDE = 512  # docs/design.md, "Shards": converters cap the longest side so decoding stays cheap
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """BUS-BRA: breast ultrasound, benign vs malignant, with the official patient-level 5-fold file.
 
-Layout and facts from `shared/reference/benchmarks.md` (the dataset's own CSV files):
+Layout and facts from `docs/benchmarks.md` (the dataset's own CSV files):
   * `bus_data.csv` gives each image's `ID` (file stem), `Case` (the patient, our subject) and `Pathology`
     (benign = 0, malignant = 1);
   * `5-fold-cv.csv` gives `kFold` (the image's test fold) and `valid_1..valid_5`: in round k, rows with

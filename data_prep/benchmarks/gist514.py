@@ -1,6 +1,6 @@
 """GIST514-DB: endoscopic ultrasound, GIST vs leiomyoma, with the five official COCO split files.
 
-Layout and facts from `shared/reference/benchmarks.md` (the dataset's own COCO files):
+Layout and facts from `docs/benchmarks.md` (the dataset's own COCO files):
   * two variants, builder configs `roi` (lesion crops, `usd514_jpeg_roi`, files `*_anno_crop_split_{k}.json`)
     and `raw` (full frames, `usd514_jpeg_raw`, files `*_anno_split_{k}.json`);
   * the categories are looked up by *name* in each file's `categories` (`lmym` = 0, `GIST` = 1, the
@@ -28,7 +28,7 @@ CLASS_NAMES = ("lmym", "GIST")
 NUM_SPLITS = 5
 DOCUMENTED = {"images": 514, "lmym": 251, "GIST": 263}
 DOCUMENTED_TEST_SIZES = {"split0": 106, "split1": 103, "split2": 103, "split3": 103, "split4": 99}
-VALIDATION_FRACTION = 0.05  # UltraSam's setup: 5% of the training part (shared/reference/usf_mae_recipe.md)
+VALIDATION_FRACTION = 0.05  # UltraSam's setup: 5% of the training part (docs/benchmarks.md)
 VALIDATION_SEED = 0
 
 
@@ -137,7 +137,7 @@ class Gist514(builder.BenchmarkBuilder):
     LICENSE = "CC BY-NC-SA 4.0"
     HOMEPAGE = ""
     DESCRIPTION = "GIST514-DB endoscopic ultrasound, leiomyoma (0) vs GIST (1); five official COCO splits."
-    # Only the facts of shared/reference/benchmarks.md; complete the entry from the publisher's page.
+    # Only the facts of docs/benchmarks.md; complete the entry from the publisher's page.
     CITATION = """@article{he2022query2,
   title={Query2 (GIST514-DB)}, author={He and others},
   journal={Computers in Biology and Medicine}, year={2022}}"""

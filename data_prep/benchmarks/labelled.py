@@ -1,6 +1,6 @@
 """A generic labelled ultrasound set: class folders, or a `path,label[,subject,split]` CSV.
 
-For users' own downstream tasks (fetal-heart views, thyroid nodules, ...; shared/reference/benchmarks.md):
+For users' own downstream tasks (fetal-heart views, thyroid nodules, ...; docs/benchmarks.md):
   * a folder with one sub-folder per class (class names sorted; images found recursively);
   * or a CSV with a header holding at least `path` and `label` (paths relative to the CSV's folder or
     absolute), optionally `subject` and `split` (train | validation | val | test).

@@ -1,6 +1,6 @@
 """MMOTU-2D: ovarian tumour ultrasound, 8 classes, with the official train and val lists.
 
-Layout and facts from `shared/reference/benchmarks.md` (the dataset's own list files):
+Layout and facts from `docs/benchmarks.md` (the dataset's own list files):
   * `train_cls.txt` / `val_cls.txt` hold "N.JPG<whitespace>label" lines; the separator is not always one
     space, so lines are split on any whitespace;
   * `train.txt` / `val.txt` list the same stems and are cross-checked when present;
@@ -8,7 +8,7 @@ Layout and facts from `shared/reference/benchmarks.md` (the dataset's own list f
     read;
   * no patient ids are released, so `subject` is empty and splits are image-level.
 Storage parts are `train` (1000 images) and `val` (469). The official protocol trains on train and tests on
-val; as UltraSam's public setup does (usf_mae_recipe.md), a stratified 5% of train is held out for
+val; as UltraSam's public setup does (docs/benchmarks.md), a stratified 5% of train is held out for
 validation (seed 0); `train_full` keeps the whole list.
 """
 
@@ -33,7 +33,7 @@ DOCUMENTED = {
     "train": dict(zip(CLASS_NAMES, (226, 153, 228, 57, 47, 180, 71, 38))),
     "val": dict(zip(CLASS_NAMES, (110, 66, 108, 31, 19, 87, 33, 15))),
 }
-VALIDATION_FRACTION = 0.05  # UltraSam's setup: 5% of the training part (shared/reference/usf_mae_recipe.md)
+VALIDATION_FRACTION = 0.05  # UltraSam's setup: 5% of the training part (docs/benchmarks.md)
 VALIDATION_SEED = 0
 
 
@@ -115,7 +115,7 @@ class Mmotu(builder.BenchmarkBuilder):
     name = "mmotu"
     CLASS_NAMES = CLASS_NAMES
     CHANNELS = 3
-    LICENSE = "not stated in shared/reference/benchmarks.md; see the terms of the MMOTU release"
+    LICENSE = "not stated by the MMOTU release (docs/benchmarks.md); see its terms"
     HOMEPAGE = ""
     DESCRIPTION = "MMOTU-2D ovarian tumour ultrasound, 8 classes; official train (1000) and val (469) lists."
     CITATION = """@article{zhao2022mmotu,

@@ -1,7 +1,7 @@
 """Archive handling before any globbing: nested zip unpacking and instructions for RAR / multi-part sets.
 
 Several OpenUS-46 datasets arrive as zips inside zips (AUL's class zips, FASS, FH-PS-AOP, STMUS_NDA,
-MicroSeg, regPro's train/val zips, DDTI inside "Thyroid Dataset", one zip per DFHI plane; openus46.md F8).
+MicroSeg, regPro's train/val zips, DDTI inside "Thyroid Dataset", one zip per DFHI plane; docs/openus46.md F8).
 `unpack_nested_zips` extracts every zip under a dataset folder into a sibling folder named after the zip's
 stem, repeating until no new zip appears. Extraction goes to a temporary folder renamed at the end, so an
 interrupted run never leaves a half-extracted tree that looks finished. Member paths are checked so a zip

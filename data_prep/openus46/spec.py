@@ -2,7 +2,7 @@
 
 The USF-MAE training set was "every PNG under a folder", which ingests masks as easily as images. Here
 every dataset names its inputs positively (`include` globs, relative to `RAW/<key>/`) and then removes
-what must stay out, in three layers (openus46.md, "Format families"):
+what must stay out, in three layers (docs/openus46.md, "Format families"):
 
 * `exclude_dirs`: any directory component matching one of these patterns drops the file (masks that share
   the image's file name, such as BUS `GT/`, ACOUSLIC `masks/`, TN3K `*-mask/`, are only separable here);
@@ -33,11 +33,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 INPUT_EXTENSIONS = (IMAGE_EXTENSIONS + METAIMAGE_EXTENSIONS + NIFTI_EXTENSIONS + VIDEO_EXTENSIONS
                     + HDF5_EXTENSIONS + DICOM_EXTENSIONS)
 
-# openus46.md: "Apply the global exclusion list to every dataset on top of its own rules".
+# docs/openus46.md: "Apply the global exclusion list to every dataset on top of its own rules".
 GLOBAL_EXCLUDES = ("*mask*", "*_gt*", "*annot*", "label*", "gt", "segmentationclass*", "*_label.nii*",
                    "array_format", "segmentation_results", "__macosx", ".ds_store", "._*")
 
-# Format families of openus46.md, for the --list table.
+# Format families of docs/openus46.md, for the --list table.
 FAMILIES = {
     "F1": "2-D images, masks in a separate folder",
     "F2": "2-D images, masks in the same folder",
