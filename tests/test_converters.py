@@ -8,10 +8,12 @@ from pathlib import Path
 import grain
 import numpy as np
 import pytest
+from faults import huge_png_header
 from PIL import Image
 
 from data_prep import writer
 from data_prep.__main__ import main as data_prep_main
+from data_prep.benchmarks import common
 from data_prep.formats.image2d import read_image
 from usf_mae_jax.data import records
 from usf_mae_jax.data.synthetic import SyntheticUltrasound
@@ -65,6 +67,19 @@ def test_read_image_errors_name_the_file(tmp_path, name, message):
     with pytest.raises(ValueError, match=message) as info:
         read_image(tmp_path / name)
     assert str(tmp_path / name) in str(info.value)
+
+
+@pytest.mark.parametrize("reader", [read_image, lambda path: common.read_image(str(path), 1, 512)])
+def test_pixel_cap_is_checked_on_the_header(tmp_path, reader):
+    """Above 200 MP the file is refused from its header; the pixel data (garbage here) is never decoded."""
+    huge_png_header(tmp_path / "huge.png", 15_000, 15_000)
+    with pytest.raises(ValueError) as info:
+        reader(tmp_path / "huge.png")
+    assert str(info.value) == (f"{tmp_path / 'huge.png'}: image too large (15000x15000 = 225 megapixels, above "
+                               "the 200-megapixel cap); not decoded")
+    huge_png_header(tmp_path / "at_cap.png", 20_000, 10_000)  # exactly 200 MP: allowed, so decoding is tried
+    with pytest.raises(ValueError, match="cannot decode"):
+        reader(tmp_path / "at_cap.png")
 
 
 def test_folder_converter_reports_odd_inputs(tmp_path, capsys):

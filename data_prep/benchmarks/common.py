@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
+from data_prep.formats.image2d import check_pixel_count
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -92,8 +94,10 @@ def read_image(path: str, channels: int, max_side: int | None) -> np.ndarray:
 
     16-bit images are scaled to 8 bits; an alpha channel is dropped; colour is returned as RGB. A colour image
     whose channels are all equal becomes 1-channel without loss; a real colour image asked for 1 channel is
-    converted to luminance. Raises ValueError naming the file when it cannot be decoded.
+    converted to luminance. Raises ValueError naming the file when it cannot be decoded, or when its header
+    announces more than `formats.image2d.MAX_PIXELS` pixels (checked before decoding).
     """
+    check_pixel_count(path)
     image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f"cannot decode image {path}")
