@@ -1,0 +1,74 @@
+"""Nothing vanishes from a manifest: inputs = converted + skipped + not_converted for every converter.
+
+Each source tree holds the symlinks users' dataset folders really have (a folder linked from elsewhere, a
+second path to a folder, a link to an ancestor, a dangling link, two links pointing at each other) next to
+images, masks and notes, and each test states by hand where every entry must end up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from data_prep import synthetic, writer
+from data_prep.__main__ import main as data_prep_main
+
+
+def write_image(path: Path, value: int = 60) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((6, 8), value, np.uint8) + np.eye(6, 8, dtype=np.uint8))
+
+
+def add_symlink_faults(root: Path, outside: Path) -> None:
+    """The symlinks every test tree gets, all relative to `root`."""
+    write_image(outside / "linked.png", 90)
+    os.symlink(outside, root / "from_elsewhere")  # followed
+    os.symlink("missing.png", root / "dangling.png")
+    os.symlink("loop_b.png", root / "loop_a.png")
+    os.symlink("loop_a.png", root / "loop_b.png")
+
+
+def check_counts(manifest: dict) -> dict:
+    counts = manifest["accounting"]
+    assert counts["inputs"] == counts["converted"] + counts["skipped"] + counts["not_converted"]
+    assert manifest["inputs"] == counts["inputs"]
+    assert counts["not_converted"] == sum(len(paths) for paths in manifest["not_converted"].values())
+    return counts
+
+
+def test_folder_converter(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_image(src / "a.png")
+    write_image(src / "sub" / "b.png", 70)
+    write_image(src / "sub" / "b_mask.png", 255)
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.txt").write_text("x")
+    (src / ".DS_Store").write_bytes(b"\0")
+    os.symlink("sub", src / "same_as_sub")  # a second path to sub/: its images are written once
+    os.symlink("..", src / "sub" / "up")  # a link to an ancestor
+    add_symlink_faults(src, tmp_path / "outside")
+    assert data_prep_main(["folder", "--src", str(src), "--out_dir", str(out), "--name", "f", "--workers", "1",
+                           "--no_progress"]) == 0
+    manifest = writer.read_manifest(out / "f")
+    assert check_counts(manifest) == {"inputs": 12, "converted": 3, "skipped": 1, "not_converted": 8}
+    assert sorted(manifest["source_hashes"]) == ["a.png", "from_elsewhere/linked.png", "sub/b.png"]
+    assert [entry["input"] for entry in manifest["skipped"]] == [str(src / "empty.png")]
+    assert manifest["not_converted"] == {
+        "broken_symlink": ["dangling.png"], "duplicate_folder_link": ["same_as_sub"],
+        "excluded": ["sub/b_mask.png"], "hidden": [".DS_Store"], "not_an_image_extension": ["notes.txt"],
+        "symlink_loop": ["loop_a.png", "loop_b.png", "sub/up"]}
+
+
+def test_synthetic_converter(tmp_path):
+    parser = argparse.ArgumentParser()
+    synthetic.add_arguments(parser)
+    args = parser.parse_args(["--out_dir", str(tmp_path), "--count", "5", "--size", "16", "--workers", "1",
+                              "--no_progress"])
+    assert synthetic.run(args) == 0
+    manifest = writer.read_manifest(tmp_path / "synthetic")
+    assert check_counts(manifest) == {"inputs": 5, "converted": 5, "skipped": 0, "not_converted": 0}
+
