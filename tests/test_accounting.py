@@ -3,11 +3,13 @@
 Each source tree holds the symlinks users' dataset folders really have (a folder linked from elsewhere, a
 second path to a folder, a link to an ancestor, a dangling link, two links pointing at each other) next to
 images, masks and notes, and each test states by hand where every entry must end up.
+(The 46 OpenUS-46 mock layouts are checked the same way in test_openus46_datasets.py.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import numpy as np
 
 from data_prep import synthetic, writer
 from data_prep.__main__ import main as data_prep_main
+from data_prep.openus46.convert import ConvertOptions, convert_dataset
+from data_prep.openus46.registry import REGISTRY
 
 
 def write_image(path: Path, value: int = 60) -> None:
@@ -72,3 +76,25 @@ def test_synthetic_converter(tmp_path):
     manifest = writer.read_manifest(tmp_path / "synthetic")
     assert check_counts(manifest) == {"inputs": 5, "converted": 5, "skipped": 0, "not_converted": 0}
 
+
+def test_openus46_converter(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    root = raw / "hc18"
+    write_image(root / "training_set" / "001_HC.png")
+    write_image(root / "training_set" / "001_HC_Annotation.png", 255)
+    (root / "training_set" / "002_HC.png").write_bytes(b"not a png")
+    (root / "training_set_pixel_size_and_HC.csv").write_text("filename,pixel size\n")
+    os.symlink(tmp_path / "outside", root / "test_set")  # the test images live elsewhere: followed
+    write_image(tmp_path / "outside" / "500_HC.png", 80)
+    os.symlink("missing_HC.png", root / "training_set" / "003_HC.png")  # matches the include glob
+    os.symlink("training_set", root / "copy_of_training_set")
+    row = convert_dataset(REGISTRY["hc18"], ConvertOptions(raw_dir=str(raw), out_dir=str(out), progress=False),
+                          dedup=None)
+    assert row["status"] == "converted" and row["images"] == 2
+    manifest = json.loads((out / "hc18" / "manifest.json").read_text())
+    assert check_counts(manifest) == {"inputs": 7, "converted": 2, "skipped": 1, "not_converted": 4}
+    assert sorted(manifest["source_hashes"]) == ["test_set/500_HC.png", "training_set/001_HC.png"]
+    assert [os.path.relpath(s["input"], root) for s in manifest["skipped"]] == ["training_set/002_HC.png"]
+    assert manifest["not_converted"] == {
+        "broken_symlink": ["training_set/003_HC.png"], "duplicate_folder_link": ["copy_of_training_set"],
+        "not_included": ["training_set/001_HC_Annotation.png", "training_set_pixel_size_and_HC.csv"]}

@@ -143,3 +143,22 @@ def test_pixel_cap_is_enforced_before_decoding(tmp_path):
         "not decoded")}]
     assert f"skipped {src / 'huge.png'}: " in result.stdout and "DecompressionBombWarning" not in result.stderr
 
+
+# ---------------------------------------------------------------- benchmarks and OpenUS-46
+
+
+def test_openus46_nothing_to_convert(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "unrelated").mkdir(parents=True)
+    result = data_prep("openus46", "--raw_dir", str(raw), "--out_dir", str(tmp_path / "out"), "--datasets",
+                       "hc18,upbd")
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == (
+        f"python -m data_prep openus46: --raw_dir {raw} holds none of the requested datasets (expected "
+        "RAW/<key>/ folders such as hc18, upbd; see --list)")
+    result = data_prep("openus46", "--raw_dir", str(raw / "nope"), "--out_dir", str(tmp_path / "out"))
+    assert one_error_line(result.stderr) == f"python -m data_prep openus46: --raw_dir {raw / 'nope'}: no such folder"
+    result = data_prep("openus46", "--raw_dir", str(raw), "--out_dir", str(tmp_path / "out"), "--datasets",
+                       "bus_bra")
+    assert "only held-out benchmarks" in one_error_line(result.stderr)
+    assert not (tmp_path / "out").exists()
