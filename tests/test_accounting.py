@@ -15,9 +15,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from test_benchmarks import write_gist_variant
 
 from data_prep import synthetic, writer
 from data_prep.__main__ import main as data_prep_main
+from data_prep.benchmarks import convert, mock
 from data_prep.openus46.convert import ConvertOptions, convert_dataset
 from data_prep.openus46.registry import REGISTRY
 
@@ -98,3 +100,80 @@ def test_openus46_converter(tmp_path):
     assert manifest["not_converted"] == {
         "broken_symlink": ["training_set/003_HC.png"], "duplicate_folder_link": ["copy_of_training_set"],
         "not_included": ["training_set/001_HC_Annotation.png", "training_set_pixel_size_and_HC.csv"]}
+
+
+def test_busbra_benchmark(tmp_path):
+    base = Path(mock.write_busbra_tree(str(tmp_path / "raw"), patients=10, size=16, seed=1))
+    images = sorted(p.name for p in (base / "Images").iterdir())
+    masks = sorted(p.name for p in (base / "Masks").iterdir())
+    (base / "README.txt").write_text("about the data")
+    os.symlink("nowhere", base / "Images" / "bus_9999-l.png")  # not in bus_data.csv, and dangling
+    add_symlink_faults(base, tmp_path / "outside")
+    manifest = convert("busbra", str(base), str(tmp_path / "out"))
+    counts = check_counts(manifest)
+    assert counts == {"inputs": len(images) + len(masks) + 8, "converted": len(images), "skipped": 1,
+                      "not_converted": len(masks) + 7}
+    assert manifest["skipped"] == [{"file": "Images/bus_9999-l.png", "reason": "not listed in bus_data.csv"}]
+    assert manifest["not_converted"] == {
+        "broken_symlink": ["dangling.png"], "metadata": ["5-fold-cv.csv", "bus_data.csv"],
+        "not_an_input": sorted([*(f"Masks/{m}" for m in masks), "README.txt", "from_elsewhere/linked.png"]),
+        "symlink_loop": ["loop_a.png", "loop_b.png"]}
+
+
+def test_mmotu_benchmark(tmp_path):
+    root = tmp_path / "OTU_2d"
+    labels = {1: 0, 2: 3, 3: 5, 4: 1, 5: 0, 6: 2}
+    for n in labels:
+        write_image(root / "images" / f"{n}.JPG", 10 * n)
+        write_image(root / "annotations" / f"{n}_binary.PNG", 255)
+    (root / "train_cls.txt").write_text("".join(f"{n}.JPG {labels[n]}\n" for n in (1, 2, 3, 4)))
+    (root / "val_cls.txt").write_text("5.JPG 0\n6.JPG 2\n7.JPG 1\n")  # 7 is listed but missing
+    manifest = convert("mmotu", str(root), str(tmp_path / "out"))
+    assert check_counts(manifest) == {"inputs": 15, "converted": 6, "skipped": 1, "not_converted": 8}
+    assert manifest["not_converted"] == {
+        "metadata": ["train_cls.txt", "val_cls.txt"],
+        "not_an_input": [f"annotations/{n}_binary.PNG" for n in labels]}
+
+
+def test_gist514_benchmark(tmp_path):
+    root = write_gist_variant(tmp_path, "roi")
+    (root / "images" / "stray.jpg").write_bytes(b"")
+    manifest = convert("gist514", str(tmp_path), str(tmp_path / "out"), variant="roi")
+    assert check_counts(manifest) == {"inputs": 21, "converted": 10, "skipped": 1, "not_converted": 10}
+    assert manifest["skipped"] == [{"file": "images/stray.jpg", "reason": "not listed in the COCO files"}]
+    assert sorted(manifest["not_converted"]) == ["metadata"]
+
+
+def test_labelled_folders(tmp_path):
+    src = tmp_path / "views"
+    for cls in ("a4c", "plax"):
+        for i in range(5):
+            write_image(src / cls / f"{i}.png", 20 * i + (cls == "plax"))
+    write_image(src / "a4c" / "0_mask.png", 255)
+    os.symlink(tmp_path / "more_plax", src / "plax" / "more")  # followed
+    write_image(tmp_path / "more_plax" / "5.png", 200)
+    os.symlink("nowhere.png", src / "a4c" / "gone.png")
+    (src / "notes.txt").write_text("x")  # not in a class folder
+    manifest = convert("labelled", str(src), str(tmp_path / "out"))
+    assert check_counts(manifest) == {"inputs": 14, "converted": 11, "skipped": 2, "not_converted": 1}
+    assert {s["file"]: s["reason"] for s in manifest["skipped"]} == {
+        "a4c/0_mask.png": "looks like a mask (name or folder); masks are never inputs",
+        "a4c/gone.png": "cannot be read as a file (broken symlink)"}
+    assert manifest["not_converted"] == {"not_an_input": ["notes.txt"]}
+
+
+def test_labelled_csv(tmp_path):
+    rows = ["path,label"]
+    for i in range(6):
+        write_image(tmp_path / "data" / f"{i}.png", 30 * i)
+        rows.append(f"data/{i}.png,{i % 2}")
+    rows += ["data/0.png,0", "data/missing.png,1"]  # a repeated row and a missing file
+    os.symlink("nowhere.png", tmp_path / "data" / "dangling.png")
+    rows.append("data/dangling.png,0")
+    (tmp_path / "set.csv").write_text("\n".join(rows) + "\n")
+    manifest = convert("labelled", str(tmp_path / "set.csv"), str(tmp_path / "out"))
+    assert check_counts(manifest) == {"inputs": 9, "converted": 6, "skipped": 2, "not_converted": 1}
+    assert manifest["skipped"] == [{"file": "data/missing.png", "reason": "listed but missing"},
+                                   {"file": "data/dangling.png", "reason": "listed, but a broken symlink"}]
+    assert manifest["not_converted"] == {"metadata": ["set.csv"]}
+    assert f"data/0.png is listed twice in {tmp_path / 'set.csv'}; the first row is used" in manifest["warnings"]

@@ -6,6 +6,8 @@ checks the exit status, the single stderr line and the file it names, and that n
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +147,65 @@ def test_pixel_cap_is_enforced_before_decoding(tmp_path):
 
 
 # ---------------------------------------------------------------- benchmarks and OpenUS-46
+
+
+def test_benchmark_layout_error_is_one_line(tmp_path):
+    result = data_prep("busbra", "--raw_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert line.startswith(f"python -m data_prep busbra: {tmp_path / 'nope'} is not a directory. Expected layout:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_without_any_image_is_one_line(tmp_path):
+    from data_prep.benchmarks import mock
+
+    base = Path(mock.write_busbra_tree(str(tmp_path / "raw"), patients=10, size=16))
+    for image in (base / "Images").iterdir():
+        image.unlink()
+    result = data_prep("busbra", "--raw_dir", str(base), "--out_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr).startswith(
+        f"python -m data_prep busbra: {base}: no image to convert (")
+    assert "first: Images/bus_0001-" in result.stderr and "missing from Images/" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("manifest.json"))
+
+
+def test_labelled_without_decodable_image_leaves_nothing(tmp_path, capsys):
+    src, out = tmp_path / "views", tmp_path / "out"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        (src / cls / "0.png").write_bytes(b"not a png")
+    assert main(["labelled", "--src", str(src), "--out_dir", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # TFDS logs its progress before
+    assert last.startswith(f"python -m data_prep labelled: {src}: no image of part 'train' could be decoded "
+                           f"(2 files skipped, first: a/0.png: cannot decode image {src / 'a' / '0.png'})")
+    assert not (out / "labelled").exists() or not any((out / "labelled").rglob("*.json"))
+    (src / "a" / "0.png").unlink()
+    (src / "b" / "0.png").unlink()
+    assert main(["labelled", "--src", str(src), "--out_dir", str(out)]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith(
+        f"python -m data_prep labelled: {src} lists no images. Expected layout:; either  SRC/<class name>/")
+
+
+def test_full_disk_in_a_benchmark_leaves_no_readable_output(tmp_path, monkeypatch, capsys):
+    from data_prep.benchmarks import builder, mock
+
+    base = mock.write_busbra_tree(str(tmp_path / "raw"), patients=10, size=16)
+    real_dump = builder.json.dump
+
+    def manifest_on_a_full_disk(payload, handle, **kwargs):
+        if "accounting" in payload:  # splits.json is written, the manifest hits the full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_dump(payload, handle, **kwargs)
+
+    monkeypatch.setattr(builder.json, "dump", manifest_on_a_full_disk)
+    assert main(["busbra", "--raw_dir", base, "--out_dir", str(tmp_path / "out")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("python -m data_prep busbra: No space left on device (the disk is full: free space or choose "
+                    f"another output folder): {tmp_path / 'out' / 'busbra' / '1.0.0' / 'manifest.json.tmp'}")
+    # splits.json and the TFDS files were complete: the folder is removed so no reader takes it as converted.
+    assert not (tmp_path / "out" / "busbra" / "1.0.0").exists()
 
 
 def test_openus46_nothing_to_convert(tmp_path):

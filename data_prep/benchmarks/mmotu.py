@@ -18,6 +18,7 @@ import os
 from collections import Counter
 
 from data_prep.benchmarks import builder, common
+from usf_mae_jax.cli import DataError
 
 LAYOUT = """OTU_2d/
   images/         1.JPG ... 1469.JPG        (3-channel; some colour Doppler)
@@ -40,23 +41,21 @@ VALIDATION_SEED = 0
 def read_cls_list(path: str) -> list[tuple[str, int]]:
     """(file name, label) pairs of a *_cls.txt file; a malformed line is an error naming file and line."""
     pairs = []
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-                raise ValueError(f"{path}:{number}: expected '<image> <label>', got {line.rstrip()!r}")
-            label = int(fields[1])
-            if not 0 <= label < len(CLASS_NAMES):
-                raise ValueError(f"{path}:{number}: label {label} is outside 0..{len(CLASS_NAMES) - 1}")
-            pairs.append((fields[0], label))
+    for number, line in enumerate(common.read_lines(path), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+            raise DataError(f"{path}:{number}: expected '<image> <label>', got {line.rstrip()!r}")
+        label = int(fields[1])
+        if not 0 <= label < len(CLASS_NAMES):
+            raise DataError(f"{path}:{number}: label {label} is outside 0..{len(CLASS_NAMES) - 1}")
+        pairs.append((fields[0], label))
     return pairs
 
 
 def read_stems(path: str) -> list[str]:
-    with open(path, encoding="utf-8-sig") as f:
-        return [os.path.splitext(line.strip())[0] for line in f if line.strip()]
+    return [os.path.splitext(line.strip())[0] for line in common.read_lines(path) if line.strip()]
 
 
 def parse(raw_dir: str) -> common.Plan:
@@ -94,7 +93,7 @@ def parse(raw_dir: str) -> common.Plan:
     sources = Counter(i.source for i in plan.items)
     repeated = sorted(s for s, n in sources.items() if n > 1)
     if repeated:
-        raise ValueError(f"{root}: images listed more than once across train_cls.txt and val_cls.txt: "
+        raise DataError(f"{root}: images listed more than once across train_cls.txt and val_cls.txt: "
                          f"{repeated[:10]}")
     train = [i for i in plan.items if i.part == "train"]
     kept, held = common.stratified_holdout([i.source for i in train], [i.label for i in train],
