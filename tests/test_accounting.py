@@ -79,6 +79,20 @@ def test_synthetic_converter(tmp_path):
     assert check_counts(manifest) == {"inputs": 5, "converted": 5, "skipped": 0, "not_converted": 0}
 
 
+def yields_nothing_for_odd_tasks(task):
+    if task % 2 == 0:
+        yield writer.Example(image=np.full((4, 4), task, np.uint8), source=f"{task}.png")
+
+
+def test_writer_counts_a_loader_that_yields_nothing(tmp_path):
+    manifest = writer.write_dataset(tmp_path, "w", range(4), yields_nothing_for_odd_tasks, progress=False,
+                                    not_converted={"excluded": ["x.png"], "empty_category": []})
+    assert check_counts(manifest) == {"inputs": 5, "converted": 2, "skipped": 2, "not_converted": 1}
+    assert manifest["skipped"] == [{"input": "1", "reason": "the loader yielded no image"},
+                                   {"input": "3", "reason": "the loader yielded no image"}]
+    assert manifest["not_converted"] == {"excluded": ["x.png"]}
+
+
 def test_openus46_converter(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     root = raw / "hc18"
