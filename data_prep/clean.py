@@ -3,10 +3,10 @@
 Each step is a switch in `CleanOptions` and is applied in this order by `clean_image`:
 
 1. `grayscale`: an (H, W, 3) image whose three channels are equal becomes (H, W). Colour Doppler and CEUS
-   images have unequal channels and stay in colour (openus46.md, F1).
+   images have unequal channels and stay in colour (docs/openus46.md, F1).
 2. `crop`: crop to the scan region, dropping black borders and the UI margins around it (`scan_region`).
 3. `inpaint`: remove burnt-in annotations by inpainting, after the USF-MAE preprocessing notebook
-   (usf_mae_recipe.md). The authors inpaint the union of three masks:
+   (the USF-MAE code release, arXiv 2510.22990). The authors inpaint the union of three masks:
      * OCR text boxes. Not reproduced: it needs an OCR model that this project does not ship. Text is
        still partly caught by the grayscale-mark mask below (glyphs are small high-contrast contours).
      * colour marks: CLAHE on the L channel, HSV, k-means (k = 3) over the saturated pixels (S > 40),
@@ -27,7 +27,7 @@ import dataclasses
 import cv2
 import numpy as np
 
-# Thresholds of the authors' preprocessing notebook (usf_mae_recipe.md, "Preprocessing of OpenUS-46").
+# Thresholds of the authors' preprocessing notebook (USF-MAE code release, arXiv 2510.22990).
 SATURATION_MIN = 40
 VALUE_MIN = 20
 COLOUR_CLUSTERS = 3

@@ -4,7 +4,13 @@ The generic path to real data before (or besides) the dataset-specific converter
 that matches `--include` and none of `--exclude` is read with `formats.image2d.read_image` (16-bit, palette,
 RGBA, CMYK and RGB-stored grayscale are all normalised there) and written with `writer.write_dataset`.
 Nothing is dropped silently: unreadable files are listed in the manifest's `skipped` with the reason, and
-the files that the filters or the extension check left out are counted and listed in `not_converted`.
+every other file under `--src` that is not converted is listed in `not_converted` by why: `excluded` (the
+filters), `not_an_image_extension`, `hidden` (dot files and folders; a hidden folder is listed, not entered),
+and the symlinks `data_prep.walk` could not follow (`broken_symlink`, `symlink_loop`, ...). Symlinked files
+and folders are followed.
+
+A source without any image to convert is an error, not an empty dataset: the run fails with one line and
+writes no manifest, so a wrong `--src` is never sealed as "already converted".
 
 Segmentation masks share folders with their images in most ultrasound datasets, and ingesting them as
 images would teach the MAE to reconstruct binary blobs, so names containing "mask" or ending in "_seg" are
@@ -16,10 +22,11 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-from pathlib import Path
 
-from data_prep import writer
+from data_prep import arguments, writer
 from data_prep.formats.image2d import IMAGE_EXTENSIONS, read_image
+from data_prep.walk import walk
+from usf_mae_jax.cli import DataError
 
 MASK_PATTERNS = ("*mask*", "*_seg.*", "*_seg_*")
 CONVERTER_VERSION = "folder 1.0"
@@ -35,24 +42,28 @@ def find_inputs(src: str | os.PathLike, include: list[str] | None, exclude: list
     """Relative POSIX paths of the files to convert (sorted), and the files left out grouped by why.
 
     Without `include`, every file with an image extension is taken; with it, exactly the matching files
-    (fnmatch on the relative path; `*` also crosses folders).
+    (fnmatch on the relative path; `*` also crosses folders). Only non-empty categories are returned.
     """
-    root = Path(src)
-    if not root.is_dir():
-        raise ValueError(f"{src}: not a directory")
+    arguments.existing_folder(os.fspath(src), "--src")
     exclude = list(exclude or []) + ([] if keep_masks else list(MASK_PATTERNS))
-    selected, left_out = [], {"excluded": [], "not_an_image_extension": []}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = path.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in Path(relative).parts):
-            continue  # hidden files and folders (.DS_Store, .git) are not data
-        if (include and not _matches(relative, include)) or _matches(relative, exclude):
-            left_out["excluded"].append(relative)
-        elif not include and path.suffix.lower() not in IMAGE_EXTENSIONS:
-            left_out["not_an_image_extension"].append(relative)
+    tree = walk(src, prune=lambda relative: "hidden" if _is_hidden(relative) else None)
+    selected, left_out = [], tree.left_out
+    for relative in tree.files:
+        if _is_hidden(relative):
+            why = "hidden"  # .DS_Store and the like are not data
+        elif (include and not _matches(relative, include)) or _matches(relative, exclude):
+            why = "excluded"
+        elif not include and os.path.splitext(relative)[1].lower() not in IMAGE_EXTENSIONS:
+            why = "not_an_image_extension"
         else:
             selected.append(relative)
-    return selected, left_out
+            continue
+        left_out.setdefault(why, []).append(relative)
+    return selected, {why: sorted(files) for why, files in sorted(left_out.items())}
+
+
+def _is_hidden(relative: str) -> bool:
+    return relative.rsplit("/", 1)[-1].startswith(".")
 
 
 def load(task: tuple[str, str]):
@@ -64,14 +75,18 @@ def load(task: tuple[str, str]):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", required=True, help="root of the image tree")
     parser.add_argument("--out_dir", required=True, help="output root; the dataset goes to OUT_DIR/NAME")
-    parser.add_argument("--name", required=True, help="dataset name (folder name under --out_dir)")
+    parser.add_argument("--name", required=True, type=arguments.dataset_name,
+                        help="dataset name (folder name under --out_dir)")
     parser.add_argument("--include", action="append", help="glob on the relative path; repeatable")
     parser.add_argument("--exclude", action="append", help="glob on the relative path; repeatable")
     parser.add_argument("--keep_masks", action="store_true", help="do not exclude *mask* / *_seg files")
-    parser.add_argument("--split", default="train", help="split written for every image (default train)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--records_per_shard", type=int, default=writer.DEFAULT_RECORDS_PER_SHARD)
-    parser.add_argument("--max_side", type=int, default=512, help="cap on the longest side, 0 = no cap")
+    parser.add_argument("--split", default="train", type=arguments.split_name,
+                        help="split written for every image, a lowercase name (default train)")
+    parser.add_argument("--workers", type=arguments.positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--records_per_shard", type=arguments.positive_int,
+                        default=writer.DEFAULT_RECORDS_PER_SHARD)
+    parser.add_argument("--max_side", type=arguments.non_negative_int, default=512,
+                        help="cap on the longest side, 0 = no cap")
     parser.add_argument("--overwrite", action="store_true", help="redo a dataset that is already finished")
     parser.add_argument("--no_progress", action="store_true")
 
@@ -86,19 +101,22 @@ def _load_split(task: tuple[str, str, str]):
 def run(args: argparse.Namespace) -> int:
     selected, left_out = find_inputs(args.src, args.include, args.exclude, args.keep_masks)
     root = os.path.abspath(args.src)
+    if not selected:
+        found = ", ".join(f"{len(files)} {why}" for why, files in left_out.items()) or "it is empty"
+        raise DataError(f"--src {root}: no image file to convert ({found})")
     tasks = [(os.path.join(root, rel), rel, args.split) for rel in selected]
     manifest = writer.write_dataset(
         args.out_dir, args.name, tasks, _load_split, workers=args.workers,
         records_per_shard=args.records_per_shard, overwrite=args.overwrite, max_side=args.max_side,
-        progress=not args.no_progress,
+        progress=not args.no_progress, not_converted=left_out,
         manifest_extra={"converter_version": CONVERTER_VERSION, "src": root, "include": args.include or [],
-                        "exclude": args.exclude or [], "masks_excluded": not args.keep_masks,
-                        "not_converted": left_out})
+                        "exclude": args.exclude or [], "masks_excluded": not args.keep_masks})
     return report(manifest)
 
 
 def report(manifest: dict) -> int:
-    """Prints what was written and what was skipped, with reasons; returns 1 when nothing was written."""
+    """Prints what was written and what was skipped, with reasons; returns 0 (the writer refuses to finish a
+    dataset without records)."""
     print(f"{manifest['dataset']}: {manifest['total']} records {manifest['counts']} "
           f"from {manifest['inputs']} inputs; channels {manifest['channels']}")
     for entry in manifest["skipped"]:
@@ -108,4 +126,4 @@ def report(manifest: dict) -> int:
     for why, files in manifest.get("not_converted", {}).items():
         if files:
             print(f"  not converted ({why}): {len(files)} files, e.g. {files[:3]}")
-    return 0 if manifest["total"] > 0 else 1
+    return 0

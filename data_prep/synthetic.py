@@ -3,7 +3,8 @@
 This gives the shard path an end-to-end test and a benchmark input that need no download: the same images
 as `usf_mae_jax.data.synthetic.SyntheticUltrasound` (a pure function of seed and index), with label 0
 (benign), 1 (malignant) or -1 (no lesion). `--val_fraction` routes a deterministic share of the images (by
-index) to a `val` split for fine-tuning demos.
+index) to a `val` split for fine-tuning demos. Every option is checked while the command line is parsed
+(`data_prep.arguments`), so a bad value is a one-line error before anything is written.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from data_prep import writer
+from data_prep import arguments, writer
 from data_prep.folder import report
+from usf_mae_jax.cli import ConfigError
 from usf_mae_jax.data.synthetic import SyntheticUltrasound
 
 CONVERTER_VERSION = "synthetic 1.0"
+MIN_SIZE = 8  # smaller images cannot hold the simulated probe geometry and lesion
 
 
 def load(task: tuple[int, int, int, int, float, str]):
@@ -33,23 +36,24 @@ def make_tasks(count: int, size: int, seed: int, lesion_fraction: float, val_fra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--count", type=int, required=True, help="number of images")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--name", default="synthetic", help="dataset folder name")
+    parser.add_argument("--count", type=arguments.positive_int, required=True, help="number of images")
+    parser.add_argument("--size", type=arguments.positive_int, default=256,
+                        help=f"image side in pixels (at least {MIN_SIZE})")
+    parser.add_argument("--name", type=arguments.dataset_name, default="synthetic", help="dataset folder name")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lesion_fraction", type=float, default=0.5)
-    parser.add_argument("--val_fraction", type=float, default=0.0, help="share of images in a 'val' split")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--records_per_shard", type=int, default=writer.DEFAULT_RECORDS_PER_SHARD)
+    parser.add_argument("--lesion_fraction", type=arguments.fraction, default=0.5)
+    parser.add_argument("--val_fraction", type=arguments.fraction_below_one, default=0.0,
+                        help="share of images in a 'val' split, in [0, 1)")
+    parser.add_argument("--workers", type=arguments.positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--records_per_shard", type=arguments.positive_int,
+                        default=writer.DEFAULT_RECORDS_PER_SHARD)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.count <= 0:
-        raise SystemExit(f"--count must be positive, got {args.count}")
-    if not 0 <= args.val_fraction < 1:
-        raise SystemExit(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.size < MIN_SIZE:
+        raise ConfigError(f"--size must be at least {MIN_SIZE} pixels, got {args.size}")
     tasks = make_tasks(args.count, args.size, args.seed, args.lesion_fraction, args.val_fraction)
     manifest = writer.write_dataset(
         args.out_dir, args.name, tasks, load, workers=args.workers, records_per_shard=args.records_per_shard,

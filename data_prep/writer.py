@@ -14,15 +14,24 @@ dataset as a list of picklable *tasks* (usually one raw file each) and a top-lev
 * writes each shard under a hidden temporary name and renames it to its final name only once it is complete
   and closed, then writes `manifest.json` (also through a temporary name). A dataset folder is finished iff
   its manifest exists, and the manifest lists the shards: an interrupted run leaves only `*.tmp` files, which
-  the next run deletes before starting again.
+  the next run deletes before starting again. A run that fails (a full disk, an interrupt) removes what it
+  wrote; a write error is an OSError naming the file, which the command line reports in one line;
+* accounts for every input: `accounting` = {inputs, converted, skipped, not_converted} with
+  inputs = converted + skipped + not_converted, where `not_converted` counts the files the converter left out
+  before conversion (its filters, symlinks it could not follow; listed in the manifest by category) and
+  `skipped` the inputs that gave no record (reasons in `skipped`, or in `dropped` when every example was a
+  duplicate). A run in which no input gave a record and nothing was dropped as a duplicate is a `DataError`
+  and leaves no manifest, so an empty source or a wrong option is never sealed as "already converted".
 
 Running again over a finished dataset does nothing and returns the existing manifest, unless `overwrite`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -31,7 +40,7 @@ import os
 import re
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
+from usf_mae_jax.cli import ConfigError, DataError
 from usf_mae_jax.data import records
 
 WRITER_VERSION = "1.0"
@@ -50,10 +60,14 @@ DEFAULT_RECORDS_PER_SHARD = 1024
 # PNG payloads are already deflate-compressed, so a second zstd pass would cost CPU on every read for nothing.
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 _SPLIT_PATTERN = re.compile(r"^[a-z0-9_]+$")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _SHARD_PATTERN = re.compile(r"^[a-z0-9_]+-\d{5}-of-\d{5}" + re.escape(SHARD_SUFFIX) + "$")
 _RESERVED_KEYS = frozenset({"dataset", "created", "writer_version", "record_format_version", "counts",
                             "total", "channels", "labels", "shards", "records_per_shard", "max_side",
-                            "inputs", "skipped", "dropped", "source_hashes", "content_sha256"})
+                            "inputs", "skipped", "dropped", "source_hashes", "content_sha256", "accounting",
+                            "not_converted"})
+# I/O failures that array_record reports as RuntimeError text; turned back into OSErrors naming the file.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +135,24 @@ def cap_longest_side(image: np.ndarray, max_side: int) -> np.ndarray:
     return resized.reshape(size[1], size[0], *image.shape[2:])
 
 
+def check_dataset_name(name: str) -> str:
+    """`name` when it is a plain folder name (letters, digits, `_ . -`); a ConfigError otherwise."""
+    if not _NAME_PATTERN.match(name) or name in (".", ".."):
+        raise ConfigError(f"dataset name {name!r} must be a plain folder name (letters, digits, _ . -)")
+    return name
+
+
+def check_split(split: str) -> str:
+    """`split` when it is a lowercase name like 'train' (it becomes part of the shard file names)."""
+    if not _SPLIT_PATTERN.match(str(split)):
+        raise ConfigError(f"split {split!r} is not a lowercase name like 'train' (letters, digits, _)")
+    return split
+
+
 def _validate(example: Any) -> Example:
     if not isinstance(example, Example):
         raise ValueError(f"loader yielded {type(example).__name__}, not an Example")
-    if not _SPLIT_PATTERN.match(str(example.split)):
-        raise ValueError(f"split {example.split!r} is not a lowercase name like 'train'")
+    check_split(example.split)
     if not isinstance(example.frame, (int, np.integer)) or not isinstance(example.label, (int, np.integer)):
         raise ValueError(f"frame and label must be integers, got {example.frame!r} and {example.label!r}")
     return example
@@ -143,6 +170,8 @@ def _process_task(job: tuple[Any, Callable, str, int, bool]) -> _TaskResult:
     except Exception as e:  # a bad input or a converter bug: record it, keep converting the rest
         reason = f"{type(e).__name__}: {e}"
         return _TaskResult([], [{"input": _describe(task), "reason": reason}], None)
+    if not examples:
+        return _TaskResult([], [{"input": _describe(task), "reason": "the loader yielded no image"}], None)
     encoded, skipped = [], []
     for example in examples:
         try:
@@ -166,6 +195,28 @@ def _process_task(job: tuple[Any, Callable, str, int, bool]) -> _TaskResult:
     return _TaskResult(encoded, skipped, file_hash)
 
 
+def _named_os_error(err: Exception, path: str | os.PathLike) -> OSError | None:
+    """`err` as an OSError that names `path`, or None when it is not an I/O failure."""
+    if isinstance(err, OSError):
+        return err if err.filename else OSError(err.errno, err.strerror or str(err), os.fspath(path))
+    for code in _WRITE_ERRNOS:
+        if os.strerror(code) in str(err):
+            return OSError(code, os.strerror(code), os.fspath(path))
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Re-raises a failed write of `path` (a full disk, ...) as an OSError naming the file."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        named = _named_os_error(err, path)
+        if named is None or named is err:
+            raise
+        raise named from err
+
+
 class _ShardSequence:
     """The shards of one split: filled in order, each written under a temporary name until finalised."""
 
@@ -180,9 +231,11 @@ class _ShardSequence:
         return self.folder / f".{self.split}-{index:05d}{SHARD_SUFFIX}.tmp"
 
     def write(self, record: bytes) -> None:
-        if self._writer is None:
-            self._writer = ArrayRecordWriter(str(self._temp_path(len(self.completed))), ARRAY_RECORD_OPTIONS)
-        self._writer.write(record)
+        with writing(self._temp_path(len(self.completed))):
+            if self._writer is None:
+                self._writer = ArrayRecordWriter(str(self._temp_path(len(self.completed))),
+                                                 ARRAY_RECORD_OPTIONS)
+            self._writer.write(record)
         self._in_shard += 1
         self.count += 1
         if self._in_shard == self.records_per_shard:
@@ -190,7 +243,8 @@ class _ShardSequence:
 
     def _close_current(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            with writing(self._temp_path(len(self.completed))):
+                self._writer.close()
             self.completed.append(self._temp_path(len(self.completed)))
             self._writer, self._in_shard = None, 0
 
@@ -218,7 +272,8 @@ def _clear_outputs(folder: Path) -> None:
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
     temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+    with writing(temp):
+        temp.write_text(json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
     os.replace(temp, path)
 
 
@@ -243,18 +298,23 @@ def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
                   load: Callable[[Any], Iterable], *, workers: int = 1,
                   records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, overwrite: bool = False,
                   max_side: int = 512, dedup: Callable[[Example], str | None] | None = None,
-                  manifest_extra: dict[str, Any] | None = None, progress: bool = True) -> dict:
+                  manifest_extra: dict[str, Any] | None = None, progress: bool = True,
+                  not_converted: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Converts `tasks` with `load` into the dataset folder `out_dir/name`; returns its manifest.
 
     `load(task)` must be a picklable top-level callable yielding `Example`s; it may raise `SkipFile(reason)`
     (or anything else) to skip the task, which is then listed in the manifest's `skipped` with the reason.
     `dedup(example)`, if given, runs in the main process in task order and returns a reason to drop the
     example or None. `manifest_extra` is merged into the manifest (e.g. the licence, or `converter_version`).
+    `not_converted` maps a category (e.g. "excluded", "broken_symlink") to the files the converter found but
+    left out; it is stored in the manifest and counted in its `accounting` (module docstring).
+
+    Raises `DataError` when there is nothing to convert or no input gave a record (no manifest is written),
+    and an OSError naming the file when writing fails; either way the partial output is removed.
     """
-    if not re.match(r"^[A-Za-z0-9_.\-]+$", name):
-        raise ValueError(f"dataset name {name!r} must be a plain folder name (letters, digits, _ . -)")
+    check_dataset_name(name)
     if records_per_shard <= 0:
-        raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
+        raise ConfigError(f"records_per_shard must be positive, got {records_per_shard}")
     extra = dict(manifest_extra or {})
     clashes = sorted(_RESERVED_KEYS & extra.keys())
     if clashes:
@@ -264,10 +324,50 @@ def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
     if existing is not None and not overwrite:
         log.info("%s is already converted (%s); pass overwrite to redo it", name, folder / MANIFEST_NAME)
         return existing
+    tasks = list(tasks)
+    if not tasks:
+        raise DataError(f"{name}: nothing to convert (no input)")
+    left_out = {str(why): sorted(map(str, files)) for why, files in (not_converted or {}).items() if files}
     folder.mkdir(parents=True, exist_ok=True)
     _clear_outputs(folder)
+    try:
+        manifest, converted = _convert(folder, name, tasks, load, workers, records_per_shard, max_side, dedup,
+                                       progress)
+        not_converted_count = sum(len(files) for files in left_out.values())
+        manifest["inputs"] = len(tasks) + not_converted_count
+        manifest["accounting"] = {"inputs": manifest["inputs"], "converted": converted,
+                                  "skipped": len(tasks) - converted, "not_converted": not_converted_count}
+        manifest["not_converted"] = left_out
+        manifest["converter_version"] = extra.pop("converter_version", manifest["converter_version"])
+        manifest.update(extra)
+        _write_json_atomic(folder / MANIFEST_NAME, manifest)
+    except BaseException:
+        _discard_outputs(folder)
+        raise
+    log.info("%s: %d records in %s, %d inputs skipped, %d examples dropped", name, manifest["total"],
+             manifest["counts"], len(manifest["skipped"]), len(manifest["dropped"]))
+    return manifest
 
-    tasks = list(tasks)
+
+def _discard_outputs(folder: Path) -> None:
+    """Best-effort removal of a failed run's shards and temporary files (the disk may be full)."""
+    try:
+        _clear_outputs(folder)
+    except OSError as err:
+        log.warning("could not remove the partial output in %s: %s", folder, err)
+
+
+def _no_record_error(name: str, tasks: list, skipped: list[dict[str, str]]) -> DataError:
+    first = skipped[0] if skipped else {"input": "?", "reason": "?"}
+    return DataError(f"{name}: no record written: all {len(tasks)} inputs were skipped "
+                     f"(first: {first['input']}: {first['reason']})")
+
+
+def _convert(folder: Path, name: str, tasks: list, load: Callable[[Any], Iterable], workers: int,
+             records_per_shard: int, max_side: int, dedup: Callable[[Example], str | None] | None,
+             progress: bool) -> tuple[dict, int]:
+    """Runs the tasks and writes the shards; returns (the manifest without the caller's keys, the number of
+    inputs that gave at least one record)."""
     jobs = [(task, load, name, max_side, dedup is not None) for task in tasks]
     splits: dict[str, _ShardSequence] = {}
     skipped: list[dict[str, str]] = []
@@ -276,11 +376,13 @@ def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
     labels: dict[str, Counter] = defaultdict(Counter)
     source_hashes: dict[str, str] = {}
     content = hashlib.sha256()
+    converted_inputs = 0
     bar = tqdm(total=len(tasks), desc=f"{name}", unit="input", disable=not progress)
     try:
         for result in _results(jobs, workers):
             bar.update(1)
             skipped.extend(result.skipped)
+            written = 0
             for item in result.encoded:
                 example = item.example
                 reason = dedup(example) if dedup is not None else None
@@ -290,6 +392,7 @@ def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
                 if example.split not in splits:
                     splits[example.split] = _ShardSequence(folder, example.split, records_per_shard)
                 splits[example.split].write(item.record)
+                written += 1
                 content.update(item.record)
                 channels[str(item.channels)] += 1
                 labels[example.split][str(example.label)] += 1
@@ -299,6 +402,9 @@ def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
                     previous = source_hashes.get(example.source, "")
                     digest = hashlib.sha256((previous + hashlib.sha256(item.record).hexdigest()).encode())
                     source_hashes[example.source] = f"records:sha256:{digest.hexdigest()}"
+            converted_inputs += written > 0
+        if not converted_inputs and not dropped:
+            raise _no_record_error(name, tasks, skipped)
         shards = {split: sequence.finalize() for split, sequence in sorted(splits.items())}
     finally:
         bar.close()
@@ -307,7 +413,7 @@ def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
     manifest = {
         "dataset": name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "converter_version": extra.pop("converter_version", f"data_prep.writer {WRITER_VERSION}"),
+        "converter_version": f"data_prep.writer {WRITER_VERSION}",
         "writer_version": WRITER_VERSION,
         "record_format_version": records.FORMAT_VERSION,
         "counts": counts,
@@ -323,9 +429,5 @@ def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
         "dropped": dropped,
         "source_hashes": dict(sorted(source_hashes.items())),
         "content_sha256": content.hexdigest(),
-        **extra,
     }
-    _write_json_atomic(folder / MANIFEST_NAME, manifest)
-    log.info("%s: %d records in %s, %d inputs skipped, %d examples dropped", name, manifest["total"],
-             counts, len(skipped), len(dropped))
-    return manifest
+    return manifest, converted_inputs

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from data_prep.__main__ import main as data_prep_main
 from data_prep.benchmarks import LayoutError, cli, convert, load_split, manifest, mock, split_ids
 from data_prep.benchmarks import class_names as read_class_names
 
@@ -279,6 +280,7 @@ def test_labelled_csv_subject_level_and_cli(tmp_path, capsys):
             assert subject_split.setdefault(ex["subject"], split) == split  # no subject in two splits
     assert {ex["label"] for ex in load_split(out, "labelled", "test")} == {0, 1, 2}
     assert manifest(out, "labelled")["skipped"] == [{"file": "data/missing.png", "reason": "listed but missing"}]
-    bad = parser.parse_args(["--src", str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "out")])
-    assert cli.run(bad, "labelled") == 2
-    assert "does not exist. Expected layout:" in capsys.readouterr().err
+    assert data_prep_main(["labelled", "--src", str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m data_prep labelled: {tmp_path / 'nothing'} does not exist. Expected layout:")
+    assert len(err.splitlines()) == 1

@@ -8,10 +8,12 @@ from pathlib import Path
 import grain
 import numpy as np
 import pytest
+from faults import huge_png_header
 from PIL import Image
 
 from data_prep import writer
 from data_prep.__main__ import main as data_prep_main
+from data_prep.benchmarks import common
 from data_prep.formats.image2d import read_image
 from usf_mae_jax.data import records
 from usf_mae_jax.data.synthetic import SyntheticUltrasound
@@ -67,6 +69,19 @@ def test_read_image_errors_name_the_file(tmp_path, name, message):
     assert str(tmp_path / name) in str(info.value)
 
 
+@pytest.mark.parametrize("reader", [read_image, lambda path: common.read_image(str(path), 1, 512)])
+def test_pixel_cap_is_checked_on_the_header(tmp_path, reader):
+    """Above 200 MP the file is refused from its header; the pixel data (garbage here) is never decoded."""
+    huge_png_header(tmp_path / "huge.png", 15_000, 15_000)
+    with pytest.raises(ValueError) as info:
+        reader(tmp_path / "huge.png")
+    assert str(info.value) == (f"{tmp_path / 'huge.png'}: image too large (15000x15000 = 225 megapixels, above "
+                               "the 200-megapixel cap); not decoded")
+    huge_png_header(tmp_path / "at_cap.png", 20_000, 10_000)  # exactly 200 MP: allowed, so decoding is tried
+    with pytest.raises(ValueError, match="cannot decode"):
+        reader(tmp_path / "at_cap.png")
+
+
 def test_folder_converter_reports_odd_inputs(tmp_path, capsys):
     src, out = tmp_path / "raw", tmp_path / "out"
     _write_odd_images(src)
@@ -98,9 +113,11 @@ def test_folder_include_exclude(tmp_path):
     code = data_prep_main(["folder", "--src", str(src), "--out_dir", str(out), "--name", "pngs", "--include",
                            "*.png", "--exclude", "*16*", "--workers", "1", "--no_progress"])
     manifest = writer.read_manifest(out / "pngs")
-    # gray, palette, rgba, empty, truncated, sub/gray_as_rgb; the mask and *16* are excluded
-    assert code == 0 and manifest["inputs"] == 6 and manifest["total"] == 4
-    assert "deep16.png" in manifest["not_converted"]["excluded"]
+    # gray, palette, rgba, empty, truncated, sub/gray_as_rgb are converted or skipped; the other 6 files
+    # (not *.png, the mask, *16*) are excluded
+    assert code == 0 and manifest["total"] == 4
+    assert manifest["accounting"] == {"inputs": 12, "converted": 4, "skipped": 2, "not_converted": 6}
+    assert manifest["inputs"] == 12 and "deep16.png" in manifest["not_converted"]["excluded"]
 
 
 def test_synthetic_converter_cli_writes_labels(tmp_path):
@@ -123,9 +140,10 @@ def test_synthetic_converter_cli_writes_labels(tmp_path):
     assert again.returncode == 0 and writer.read_manifest(out / "synthetic")["created"] == manifest["created"]
 
 
-def test_missing_converter_module_gives_a_clear_error(monkeypatch):
+def test_missing_converter_module_gives_a_clear_error(monkeypatch, capsys):
     import data_prep.__main__ as cli
 
     monkeypatch.setitem(cli.COMMANDS, "openus46", ("data_prep.no_such_module", None, "x"))
-    with pytest.raises(SystemExit, match=r"data_prep openus46: cannot import data_prep\.no_such_module"):
-        cli.main(["openus46", "--help"])
+    assert cli.main(["openus46", "--help"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "python -m data_prep openus46: cannot import data_prep.no_such_module (No module named")

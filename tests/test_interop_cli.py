@@ -1,15 +1,19 @@
-"""`python -m usf_mae_jax.interop import/export` on a small checkpoint built here."""
+"""`python -m usf_mae_jax.interop import/export` on a small checkpoint built here, and its one-line errors:
+unsafe, missing and truncated checkpoints, an existing export target, a full disk."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from faults import one_error_line
 
 from usf_mae_jax.interop import __main__ as cli
 from usf_mae_jax.interop import torch_mae, torch_pickle
@@ -51,8 +55,10 @@ def test_import_writes_orbax_dir_that_load_pretrained_reads(tmp_path, checkpoint
     flat, flat_expected = torch_mae.flatten(params), torch_mae.flatten(expected)
     assert flat.keys() == flat_expected.keys()
     assert all(np.array_equal(flat[p], flat_expected[p]) for p in flat)
-    with pytest.raises(FileExistsError, match="already exists"):
-        cli.main(["import", "--checkpoint", str(path), "--out", str(out)])
+    capsys.readouterr()
+    assert cli.main(["import", "--checkpoint", str(path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"python -m usf_mae_jax.interop import: {out}/params already exists; "
+                                       "choose another --out or remove it\n")
 
 
 def test_export_round_trips_to_the_original_keys(tmp_path, checkpoint):
@@ -78,13 +84,15 @@ def test_export_round_trips_to_the_original_keys(tmp_path, checkpoint):
     assert set(tensors) == encoder_keys
 
 
-def test_cli_errors_are_clear(tmp_path, checkpoint):
+def test_cli_errors_are_clear(tmp_path, checkpoint, capsys):
     _, state_dict = checkpoint
     with_extra = tmp_path / "extra.pth"
     torch.save({**{k: torch.from_numpy(v) for k, v in state_dict.items()}, "dist_token": torch.zeros(1, 1, 32)},
                with_extra)
-    with pytest.raises(torch_mae.UnexpectedKeysError, match="dist_token"):
-        cli.main(["import", "--checkpoint", str(with_extra), "--out", str(tmp_path / "a")])
+    assert cli.main(["import", "--checkpoint", str(with_extra), "--out", str(tmp_path / "a")]) == 2
+    assert "unexpected checkpoint keys ['dist_token']" in capsys.readouterr().err
+    with pytest.raises(torch_mae.UnexpectedKeysError, match="dist_token"):  # --verbose: the exception itself
+        cli.main(["--verbose", "import", "--checkpoint", str(with_extra), "--out", str(tmp_path / "a")])
     cli.main(["import", "--checkpoint", str(with_extra), "--out", str(tmp_path / "b"), "--allow_unexpected"])
     report = json.loads((tmp_path / "b" / "conversion_report.json").read_text())
     assert report["unexpected"] == ["dist_token"]
@@ -99,3 +107,69 @@ def test_module_entry_point(tmp_path, checkpoint):
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=False)
     assert result.returncode == 0, result.stderr
     assert "exported" in result.stdout and (tmp_path / "x.safetensors").is_file()
+
+
+def _interop(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "usf_mae_jax.interop", *args], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=False)
+
+
+class _RunsShell:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_unsafe_pickle_is_one_line_and_never_runs(tmp_path):
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"model": _RunsShell()}, protocol=2))
+    result = _interop("import", "--checkpoint", str(evil), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "pwned" not in result.stdout
+    assert one_error_line(result.stderr) == (
+        f"python -m usf_mae_jax.interop import: {evil}: refusing to load global 'posix.system'; only tensors, "
+        "storages, OrderedDict and plain containers are allowed (the pickle was not executed)")
+    assert not (tmp_path / "out").exists()
+    verbose = _interop("--verbose", "import", "--checkpoint", str(evil), "--out", str(tmp_path / "out"))
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "UnsafeCheckpointError" in verbose.stderr
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.pth", None, "checkpoint {path} does not exist"),
+    ("truncated.pth", pickle.dumps({"a": 1}, protocol=2)[:-3],
+     "{path}: corrupt or truncated checkpoint (UnpicklingError: pickle data was truncated)"),
+])
+def test_unreadable_checkpoints_are_one_line(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    assert cli.main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "python -m usf_mae_jax.interop export: " + message.format(path=path))
+
+
+def test_export_refuses_to_overwrite(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    out = tmp_path / "mine.safetensors"
+    out.write_bytes(b"precious")
+    assert cli.main(["export", "--checkpoint", str(path), "--out", str(out), "--heads", "4"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"python -m usf_mae_jax.interop export: {out} already exists; pass --overwrite to replace it")
+    assert out.read_bytes() == b"precious"
+    assert cli.main(["export", "--checkpoint", str(path), "--out", str(out), "--heads", "4", "--overwrite"]) == 0
+    assert len(torch_pickle.read_safetensors(out)[0]) > 10
+
+
+def test_export_on_a_full_disk_leaves_no_file(tmp_path, checkpoint, monkeypatch, capsys):
+    path, _ = checkpoint
+    out = tmp_path / "x.safetensors"
+
+    def full_disk(target, tensors, metadata=None):
+        with open(target, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a failed write() names no file
+
+    monkeypatch.setattr(torch_pickle, "write_safetensors", full_disk)
+    assert cli.main(["export", "--checkpoint", str(path), "--out", str(out), "--heads", "4"]) == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        "python -m usf_mae_jax.interop export: No space left on device (the disk is full: free space or choose "
+        f"another output folder): {tmp_path / '.x.safetensors.tmp'}")
+    assert os.listdir(tmp_path) == []

@@ -14,6 +14,7 @@ from openus46_mocks import build
 from test_dedup import smooth_image
 from test_openus46_datasets import read_records
 
+from data_prep.__main__ import main as data_prep_main
 from data_prep.openus46 import cli, convert
 
 
@@ -51,18 +52,25 @@ def test_missing_dataset_prints_expected_path(tmp_path, capsys):
 
 
 def test_bad_dataset_key_is_an_error(tmp_path, capsys):
-    assert run_cli(["--raw_dir", str(tmp_path), "--out_dir", str(tmp_path), "--datasets", "hc19"]) == 2
-    assert "unknown OpenUS-46 dataset 'hc19'" in capsys.readouterr().err
+    assert data_prep_main(["openus46", "--raw_dir", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                           "--datasets", "hc19"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m data_prep openus46: --datasets: unknown OpenUS-46 dataset 'hc19'; valid keys:")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_rar_only_dataset_fails_with_instructions(tmp_path):
+def test_rar_only_dataset_fails_with_instructions(tmp_path, capsys):
     raw, out = tmp_path / "raw", tmp_path / "out"
     (raw / "fast_u_net" / "Dataset" / "HC").mkdir(parents=True)
     (raw / "fast_u_net" / "Dataset" / "HC" / "HC_image1.rar").write_bytes(b"Rar!")
-    assert run_cli(["--raw_dir", str(raw), "--out_dir", str(out), "--datasets", "fast_u_net",
-                    "--no_progress"]) == 1
+    assert data_prep_main(["openus46", "--raw_dir", str(raw), "--out_dir", str(out), "--datasets", "fast_u_net",
+                           "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("python -m data_prep openus46: 1 of 1 datasets failed")
+    assert "unrar x 'HC_image1.rar'" in err and str(out / "openus46_summary.md") in err
     row = json.loads((out / "openus46_summary.json").read_text())["datasets"][0]
     assert row["status"] == "no inputs" and "unrar x 'HC_image1.rar'" in row["message"]
+    assert not (out / "fast_u_net" / "manifest.json").exists()
 
 
 def _known_group_tree(raw):

@@ -8,6 +8,7 @@ frame and slice indices follow the sampling rule worked out by hand in the mock.
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -16,6 +17,7 @@ from openus46_mocks import build
 
 from data_prep.openus46.convert import ConvertOptions, convert_dataset
 from data_prep.openus46.registry import KEYS, REGISTRY
+from data_prep.walk import walk
 from usf_mae_jax.data import records
 
 
@@ -39,7 +41,7 @@ def convert(tmp_path, key, **overrides):
 
 @pytest.mark.parametrize("key", KEYS)
 def test_exactly_the_images_become_records(tmp_path, key):
-    mock, row, decoded, raw, _ = convert(tmp_path, key)
+    mock, row, decoded, raw, out = convert(tmp_path, key)
     assert row["status"] == "converted", row
     written = {(r["source"], r["frame"]): r["subject"] for r in decoded}
     assert set(written) == set(mock.expected), f"{key}: records differ from the mock's images"
@@ -54,6 +56,25 @@ def test_exactly_the_images_become_records(tmp_path, key):
     for (source, frame), shape in mock.shapes.items():
         record = next(r for r in decoded if (r["source"], r["frame"]) == (source, frame))
         assert (record["height"], record["width"]) == shape, f"{key}: {source}#{frame}"
+    assert_every_file_accounted(os.path.join(raw, key), os.path.join(out, key), decoded)
+
+
+def assert_every_file_accounted(root: str, folder: str, decoded: list[dict]) -> None:
+    """inputs = converted + skipped + not_converted, and every entry under the raw folder is one of them."""
+    with open(os.path.join(folder, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    counts = manifest["accounting"]
+    assert counts["inputs"] == counts["converted"] + counts["skipped"] + counts["not_converted"]
+    assert manifest["inputs"] == counts["inputs"]
+    left_out = [p for paths in manifest["not_converted"].values() for p in paths]
+    assert counts["not_converted"] == len(left_out) == len(set(left_out))
+    converted = {r["source"] for r in decoded}
+    skipped = {os.path.relpath(s["input"], root) for s in manifest["skipped"]} | {
+        d["source"] for d in manifest["dropped"]}
+    assert counts["converted"] == len(converted) and counts["skipped"] == len(skipped - converted)
+    tree = walk(root)
+    on_disk = set(tree.files) | {p for paths in tree.left_out.values() for p in paths}
+    assert converted | skipped | set(left_out) == on_disk
 
 
 def test_frames_sampled_counts_only_sequence_frames(tmp_path):

@@ -50,7 +50,7 @@ def test_weight_decay_masks():
     assert ref["norm"]["scale"] is False and ref["norm"]["bias"] is False
     assert ref["blocks_0"]["attn"]["qkv"]["kernel"] is True and ref["blocks_0"]["attn"]["qkv"]["bias"] is False
     assert all(jax.tree.leaves(optim.weight_decay_mask(params, "all")))
-    with pytest.raises(ValueError, match="unknown weight-decay rule .some.; choose one of reference, all, finetune"):
+    with pytest.raises(ValueError, match=r"unknown weight-decay rule .some.; choose one of reference, all, finetune"):
         optim.weight_decay_mask(params, "some")
 
 

@@ -5,8 +5,8 @@ and a `parse(raw_dir)` that returns a `common.Plan`. The builder writes the plan
 five BUS-BRA test folds) as TFDS splits in `file_format='array_record'`, so every image is stored once. The
 official splits (per fold: train, validation, test), which overlap across folds, are written next to the
 shards as id lists in `splits.json`; `reader.load_split` assembles them. tensorflow is not needed:
-`download_and_prepare` runs from Python (`shared/reference/jax_stack.md`, section 2c), and images are handed
-to TFDS as PNG bytes that we encode with OpenCV (TFDS encodes arrays with tensorflow).
+`download_and_prepare` runs from Python (docs/design.md), and images are handed to TFDS as PNG bytes that we
+encode with OpenCV (TFDS encodes arrays with tensorflow).
 
 Output, for `out_dir`:
 
@@ -15,7 +15,12 @@ Output, for `out_dir`:
         splits.json     class names, default fold, per fold {train, validation, test[, train_full]} ids, and
                         per part the ids and labels in storage order
         manifest.json   counts per split, skipped files with reasons, warnings, source hashes, licence,
-                        converter version, options
+                        converter version, options, and the accounting of every file under the raw root
+                        (`common.account`: inputs = converted + skipped + not_converted)
+
+The version folder is finished iff its manifest exists. A plan without any image, or a conversion in which no
+image could be decoded, is a `DataError` before any manifest is written; a failed or interrupted conversion
+(a full disk included) removes the version folder, so no half-written output is ever read as complete.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import ClassVar
@@ -33,10 +39,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep.benchmarks import common
-from data_prep.writer import file_sha256
+from data_prep.writer import file_sha256, writing
+from usf_mae_jax.cli import ConfigError, DataError
 
 CONVERTER_VERSION = "1.0.0"
-DEFAULT_MAX_SIDE = 512  # DESIGN.md, "Shards": converters cap the longest side so decoding stays cheap
+DEFAULT_MAX_SIDE = 512  # docs/design.md, "Shards": converters cap the longest side so decoding stays cheap
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +76,7 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     def plan(self) -> common.Plan:
         if self._plan is None:
             if not self.raw_dir:
-                raise ValueError(f"{self.name}: converting needs raw_dir, the manually downloaded folder")
+                raise ConfigError(f"{self.name}: converting needs raw_dir, the manually downloaded folder")
             self._plan = self.parse(self.raw_dir)
         return self._plan
 
@@ -135,7 +142,7 @@ def _part_index(version_dir: str, parts: list[str]) -> dict[str, dict[str, list]
 
 def _write_json(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with writing(tmp), open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
 
@@ -155,9 +162,37 @@ def prepare(builder: BenchmarkBuilder, overwrite: bool = False) -> dict:
     if os.path.exists(version_dir):
         shutil.rmtree(version_dir)
     plan = builder.plan  # parse first: a bad layout fails before anything is written
+    if not plan.items:
+        raise DataError(f"{plan.root}: no image to convert{_first_skip(plan.skipped)}")
+    try:
+        return _convert(builder, plan, version_dir, manifest_path)
+    except BaseException:
+        shutil.rmtree(version_dir, ignore_errors=True)
+        raise
+
+
+def _first_skip(skipped: list[dict[str, str]]) -> str:
+    if not skipped:
+        return ""
+    return f" ({len(skipped)} files skipped, first: {skipped[0]['file']}: {skipped[0]['reason']})"
+
+
+def _convert(builder: BenchmarkBuilder, plan: common.Plan, version_dir: str, manifest_path: str) -> dict:
+    """Runs TFDS and writes splits.json and the manifest; the caller removes `version_dir` on failure."""
     start = time.time()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=plan.root))
+    try:
+        with writing(version_dir):  # array_record reports a full disk as a RuntimeError: name the folder
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=plan.root))
+    except AssertionError as err:  # TFDS refuses a split to which no example was yielded
+        if "No examples were yielded" not in str(err):
+            raise
+        part = re.search(r'split "([^"]+)"', str(err))
+        raise DataError(f"{plan.root}: no image of part {part.group(1) if part else '?'!r} could be decoded"
+                        f"{_first_skip(builder.failed)}") from err
     index = _part_index(version_dir, plan.parts())
+    records = sum(len(p["ids"]) for p in index.values())
+    accounting, not_converted = common.account(plan, {i for p in index.values() for i in p["ids"]},
+                                               builder.failed)
     failed = {f["file"] for f in builder.failed}
     folds = {fold: {name: [i for i in ids if i not in failed] for name, ids in splits.items()}
              for fold, splits in plan.folds.items()}
@@ -172,14 +207,17 @@ def prepare(builder: BenchmarkBuilder, overwrite: bool = False) -> dict:
         "licence": builder.LICENSE,
         "options": {"max_side": builder.max_side, "channels": builder.channels()},
         "class_names": builder.class_names(),
-        "records": sum(len(p["ids"]) for p in index.values()),
+        "records": records,
         "counts": {
             "parts": {part: len(p["ids"]) for part, p in index.items()},
             "splits": {fold: {name: len(ids) for name, ids in splits.items()} for fold, splits in folds.items()},
             "labels": {name: int(sum(np.sum(np.asarray(p["labels"]) == c) for p in index.values()))
                        for c, name in enumerate(builder.class_names())},
         },
+        "inputs": accounting["inputs"],
+        "accounting": accounting,
         "skipped": plan.skipped + builder.failed,
+        "not_converted": not_converted,
         "warnings": plan.warnings,
         "source_hashes": {rel: file_sha256(os.path.join(plan.root, rel)) for rel in plan.metadata_files},
         "seconds": round(time.time() - start, 2),

@@ -1,6 +1,6 @@
 """BUS-BRA: breast ultrasound, benign vs malignant, with the official patient-level 5-fold file.
 
-Layout and facts from `shared/reference/benchmarks.md` (the dataset's own CSV files):
+Layout and facts from `docs/benchmarks.md` (the dataset's own CSV files):
   * `bus_data.csv` gives each image's `ID` (file stem), `Case` (the patient, our subject) and `Pathology`
     (benign = 0, malignant = 1);
   * `5-fold-cv.csv` gives `kFold` (the image's test fold) and `valid_1..valid_5`: in round k, rows with
@@ -17,6 +17,7 @@ import os
 from collections import Counter, defaultdict
 
 from data_prep.benchmarks import builder, common
+from usf_mae_jax.cli import DataError
 
 LAYOUT = """BUSBRA/
   Images/         bus_0001-l.png, ...       (1875 grayscale PNGs)
@@ -36,12 +37,14 @@ def read_csv(path: str, required: tuple[str, ...]) -> list[dict[str, str]]:
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader)]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path} lacks the column(s) {missing}; found {header}")
+            return [{h: v.strip() for h, v in zip(header, row)} for row in reader if any(v.strip() for v in row)]
         except StopIteration:
-            raise ValueError(f"{path} is empty; expected the columns {', '.join(required)}") from None
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {missing}; found {header}")
-        return [{h: v.strip() for h, v in zip(header, row)} for row in reader if any(v.strip() for v in row)]
+            raise DataError(f"{path} is empty; expected the columns {', '.join(required)}") from None
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise DataError(f"{path} is not a UTF-8 CSV file ({err})") from None
 
 
 def _flag(value: str, path: str, row_id: str, column: str) -> int | None:
@@ -50,7 +53,7 @@ def _flag(value: str, path: str, row_id: str, column: str) -> int | None:
     try:
         return int(float(value))
     except ValueError:
-        raise ValueError(f"{path}: {column} of {row_id} is {value!r}, expected 0, 1 or empty") from None
+        raise DataError(f"{path}: {column} of {row_id} is {value!r}, expected 0, 1 or empty") from None
 
 
 def parse(raw_dir: str) -> common.Plan:
@@ -67,7 +70,7 @@ def parse(raw_dir: str) -> common.Plan:
     for row in data:
         image_id, pathology = row["ID"], row["Pathology"].lower()
         if pathology not in CLASS_NAMES:
-            raise ValueError(f"{data_path}: Pathology of {image_id} is {row['Pathology']!r}, "
+            raise DataError(f"{data_path}: Pathology of {image_id} is {row['Pathology']!r}, "
                              f"expected benign or malignant")
         name = on_disk.get(f"{image_id}.png".lower())
         if name is None:
@@ -79,7 +82,7 @@ def parse(raw_dir: str) -> common.Plan:
             continue
         fold = _flag(fold_row["kFold"], folds_path, image_id, "kFold")
         if fold not in range(1, NUM_FOLDS + 1):
-            raise ValueError(f"{folds_path}: kFold of {image_id} is {fold_row['kFold']!r}, expected 1..5")
+            raise DataError(f"{folds_path}: kFold of {image_id} is {fold_row['kFold']!r}, expected 1..5")
         if fold_row.get("Pathology", pathology).lower() != pathology:
             plan.warnings.append(f"{image_id}: Pathology differs between bus_data.csv ({pathology}) and "
                                  f"5-fold-cv.csv ({fold_row['Pathology']}); bus_data.csv is used")

@@ -6,15 +6,16 @@
                                  [--test_fraction 0.2] [--seed 0]
 
 The dispatcher calls `add_arguments(subparser, benchmark)` once per sub-command and `run(args, benchmark)`
-with the parsed arguments; `run` returns the process exit status (0 done, 2 bad layout or input).
+with the parsed arguments; `run` returns 0 when done. A wrong layout (`LayoutError`), a malformed label file
+or a source without any decodable image raises a `UserError`, which `python -m data_prep` reports in one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from data_prep.benchmarks import builder, common
+from data_prep import arguments
+from data_prep.benchmarks import builder
 from data_prep.benchmarks.convert import BENCHMARKS, convert
 
 
@@ -24,10 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
     if benchmark == "labelled":
         parser.add_argument("--src", required=True, help="folder with one sub-folder per class, or a CSV "
                             "with a header path,label[,subject,split]")
-        parser.add_argument("--name", default=None, help="dataset name in the records (default: --src's name)")
-        parser.add_argument("--val_fraction", type=float, default=0.1,
+        parser.add_argument("--name", default=None, type=arguments.dataset_name,
+                            help="dataset name in the records (default: --src's name)")
+        parser.add_argument("--val_fraction", type=arguments.fraction_below_one, default=0.1,
                             help="validation fraction of subjects per class when there is no split column")
-        parser.add_argument("--test_fraction", type=float, default=0.2,
+        parser.add_argument("--test_fraction", type=arguments.fraction_below_one, default=0.2,
                             help="test fraction of subjects per class when there is no split column")
         parser.add_argument("--seed", type=int, default=0, help="seed of the subject-level split")
     else:
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
                             help="roi: lesion crops (the usual variant); raw: full frames; both (default): "
                                  "every variant found under --raw_dir")
     parser.add_argument("--out_dir", required=True, help="output root; TFDS writes <name>/[<config>/]<version>/")
-    parser.add_argument("--max_side", type=int, default=builder.DEFAULT_MAX_SIDE,
+    parser.add_argument("--max_side", type=arguments.non_negative_int, default=builder.DEFAULT_MAX_SIDE,
                         help="cap on the longest image side in pixels (0: keep the original size)")
     parser.add_argument("--overwrite", action="store_true", help="redo a finished conversion")
 
@@ -64,29 +66,9 @@ def run(args: argparse.Namespace, benchmark: str) -> int:
                        seed=args.seed)
     else:
         raw_dir = args.raw_dir
-    try:
-        result = convert(benchmark, raw_dir, args.out_dir, variant=getattr(args, "variant", None),
-                         max_side=args.max_side or None, overwrite=args.overwrite, **options)
-    except (common.LayoutError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = convert(benchmark, raw_dir, args.out_dir, variant=getattr(args, "variant", None),
+                     max_side=args.max_side or None, overwrite=args.overwrite, **options)
     manifests = result.values() if benchmark == "gist514" and args.variant == "both" else [result]
     for manifest in manifests:
         print(_summary(manifest))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point, for use before the dispatcher is wired: `python -m data_prep.benchmarks.cli`."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.benchmarks.cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="benchmark", required=True)
-    for name in BENCHMARKS:
-        add_arguments(commands.add_parser(name), name)
-    args = parser.parse_args(argv)
-    return run(args, args.benchmark)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

@@ -3,8 +3,12 @@
 A converter parses a raw dataset folder into a `Plan`: every image to convert (`Item`), the disjoint storage
 parts they are written to, and the official splits as lists of record ids. The TFDS builder (`builder.py`)
 then only encodes what the plan lists. Parsing never guesses: a missing expected file raises `LayoutError`
-with the expected layout, and anything skipped or unexpected goes into the plan's `skipped` / `warnings`,
-which end up in the manifest.
+with the expected layout, a malformed label or split file a `DataError` naming it, and anything skipped or
+unexpected goes into the plan's `skipped` / `warnings`, which end up in the manifest.
+
+`account` checks that nothing vanished: every file under the dataset root (found by `data_prep.walk`, which
+follows symlinks and reports the ones it cannot) is converted, skipped with a reason, or listed in
+`not_converted` by category (label files, masks and other non-inputs, broken symlinks).
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
+from data_prep.formats.image2d import check_pixel_count
+from data_prep.walk import walk
+from usf_mae_jax.cli import DataError, MissingInputError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class LayoutError(FileNotFoundError):
-    """A raw dataset folder does not have the documented layout."""
+class LayoutError(MissingInputError):
+    """A raw dataset folder does not have the documented layout (a `FileNotFoundError` too)."""
 
 
 @dataclasses.dataclass
@@ -47,6 +55,7 @@ class Plan:
     metadata_files: list[str]
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    walk_root: bool = True  # False when the inputs are the rows of a list (a CSV), not the files under root
 
     def skip(self, file: str, reason: str) -> None:
         self.skipped.append({"file": file, "reason": reason})
@@ -82,6 +91,15 @@ def require(root: str, relative: str, layout: str) -> str:
     return path
 
 
+def read_lines(path: str) -> list[str]:
+    """The lines of a text list file (UTF-8, BOM allowed); a file in another encoding is a DataError."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.readlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not a UTF-8 text file ({err})") from None
+
+
 def case_insensitive_index(folder: str) -> dict[str, str]:
     """Maps lower-cased file names in `folder` to the names on disk (lists say 1.JPG, disks may say 1.jpg)."""
     return {name.lower(): name for name in os.listdir(folder)}
@@ -92,8 +110,10 @@ def read_image(path: str, channels: int, max_side: int | None) -> np.ndarray:
 
     16-bit images are scaled to 8 bits; an alpha channel is dropped; colour is returned as RGB. A colour image
     whose channels are all equal becomes 1-channel without loss; a real colour image asked for 1 channel is
-    converted to luminance. Raises ValueError naming the file when it cannot be decoded.
+    converted to luminance. Raises ValueError naming the file when it cannot be decoded, or when its header
+    announces more than `formats.image2d.MAX_PIXELS` pixels (checked before decoding).
     """
+    check_pixel_count(path)
     image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f"cannot decode image {path}")
@@ -169,3 +189,35 @@ def unlisted_images(folder: str, listed: Iterable[str], relative_to: str, plan: 
     for name in sorted(os.listdir(folder)):
         if name.lower().endswith(IMAGE_EXTENSIONS) and name.lower() not in listed_lower:
             plan.skip(os.path.relpath(os.path.join(folder, name), relative_to), f"not listed in {list_name}")
+
+
+def account(plan: Plan, converted: set[str], failed: list[dict[str, str]]) -> tuple[dict, dict[str, list[str]]]:
+    """(accounting, not_converted) of a finished conversion; see the module docstring.
+
+    `converted` holds the record ids written, `failed` the items the writer could not decode. Accounting is
+    {inputs, converted, skipped, not_converted} with inputs = converted + skipped + not_converted; `skipped`
+    counts the distinct files named in the plan's `skipped` and in `failed` (a listed file missing on disk
+    included). A file both converted and skipped is a converter bug and raises RuntimeError.
+    """
+    skipped = {entry["file"] for entry in plan.skipped + failed}
+    both = sorted(converted & skipped)
+    if both:
+        raise RuntimeError(f"files both converted and skipped (a converter bug): {both[:5]}")
+    not_converted: dict[str, list[str]] = {}
+    metadata = set(plan.metadata_files)
+    if plan.walk_root:
+        tree = walk(plan.root)
+        for relative in tree.files:
+            if relative not in converted and relative not in skipped:
+                why = "metadata" if relative in metadata else "not_an_input"
+                not_converted.setdefault(why, []).append(relative)
+        for why, paths in tree.left_out.items():
+            paths = [p for p in paths if p not in skipped]
+            if paths:
+                not_converted[why] = paths
+    elif metadata:
+        not_converted["metadata"] = sorted(metadata)
+    count = sum(len(paths) for paths in not_converted.values())
+    accounting = {"inputs": len(converted) + len(skipped) + count, "converted": len(converted),
+                  "skipped": len(skipped), "not_converted": count}
+    return accounting, dict(sorted(not_converted.items()))

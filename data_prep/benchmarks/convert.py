@@ -7,6 +7,7 @@ from data_prep.benchmarks.busbra import Busbra
 from data_prep.benchmarks.gist514 import VARIANTS, Gist514, layout
 from data_prep.benchmarks.labelled import Labelled
 from data_prep.benchmarks.mmotu import Mmotu
+from usf_mae_jax.cli import ConfigError
 
 BENCHMARKS = {"busbra": Busbra, "mmotu": Mmotu, "gist514": Gist514, "labelled": Labelled}
 
@@ -31,7 +32,7 @@ def convert(benchmark: str, raw_dir: str, out_dir: str, *, variant: str | None =
     `common.LayoutError` for a wrong or partial layout, before anything is written.
     """
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
     cls = BENCHMARKS[benchmark]
     if benchmark == "gist514":
         variant = variant or "roi"
@@ -43,11 +44,11 @@ def convert(benchmark: str, raw_dir: str, out_dir: str, *, variant: str | None =
         elif variant in VARIANTS:
             names = [variant]
         else:
-            raise ValueError(f"unknown GIST514-DB variant {variant!r}; choose roi, raw or both")
+            raise ConfigError(f"unknown GIST514-DB variant {variant!r}; choose roi, raw or both")
         manifests = {v: builder.prepare(cls(raw_dir=raw_dir, data_dir=out_dir, config=v, max_side=max_side,
                                             file_format="array_record"), overwrite) for v in names}
         return manifests if variant == "both" else manifests[variant]
     if variant:
-        raise ValueError(f"{benchmark} has no variants (got {variant!r})")
+        raise ConfigError(f"{benchmark} has no variants (got {variant!r})")
     return builder.prepare(cls(raw_dir=raw_dir, data_dir=out_dir, max_side=max_side, file_format="array_record",
                                **options), overwrite)

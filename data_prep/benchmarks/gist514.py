@@ -1,6 +1,6 @@
 """GIST514-DB: endoscopic ultrasound, GIST vs leiomyoma, with the five official COCO split files.
 
-Layout and facts from `shared/reference/benchmarks.md` (the dataset's own COCO files):
+Layout and facts from `docs/benchmarks.md` (the dataset's own COCO files):
   * two variants, builder configs `roi` (lesion crops, `usd514_jpeg_roi`, files `*_anno_crop_split_{k}.json`)
     and `raw` (full frames, `usd514_jpeg_raw`, files `*_anno_split_{k}.json`);
   * the categories are looked up by *name* in each file's `categories` (`lmym` = 0, `GIST` = 1, the
@@ -22,13 +22,14 @@ from typing import ClassVar
 import tensorflow_datasets as tfds
 
 from data_prep.benchmarks import builder, common
+from usf_mae_jax.cli import ConfigError, DataError
 
 VARIANTS = {"roi": ("usd514_jpeg_roi", "anno_crop_split"), "raw": ("usd514_jpeg_raw", "anno_split")}
 CLASS_NAMES = ("lmym", "GIST")
 NUM_SPLITS = 5
 DOCUMENTED = {"images": 514, "lmym": 251, "GIST": 263}
 DOCUMENTED_TEST_SIZES = {"split0": 106, "split1": 103, "split2": 103, "split3": 103, "split4": 99}
-VALIDATION_FRACTION = 0.05  # UltraSam's setup: 5% of the training part (shared/reference/usf_mae_recipe.md)
+VALIDATION_FRACTION = 0.05  # UltraSam's setup: 5% of the training part (docs/benchmarks.md)
 VALIDATION_SEED = 0
 
 
@@ -43,21 +44,21 @@ def read_coco(path: str) -> dict[str, int]:
     with open(path, encoding="utf-8") as f:
         try:
             coco = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path} is not valid JSON: {err}") from None
     for key in ("images", "annotations", "categories"):
         if key not in coco:
-            raise ValueError(f"{path} is not a COCO file: it lacks '{key}'")
+            raise DataError(f"{path} is not a COCO file: it lacks '{key}'")
     by_name = {str(c["name"]).strip().lower(): c["id"] for c in coco["categories"]}
     missing = [n for n in CLASS_NAMES if n.lower() not in by_name]
     if missing:
-        raise ValueError(f"{path}: categories {missing} not found; the file has "
+        raise DataError(f"{path}: categories {missing} not found; the file has "
                          f"{[c['name'] for c in coco['categories']]}")
     label_of_category = {by_name[n.lower()]: i for i, n in enumerate(CLASS_NAMES)}
     labels_of_image: dict[int, set[int]] = {}
     for ann in coco["annotations"]:
         if ann["category_id"] not in label_of_category:
-            raise ValueError(f"{path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
+            raise DataError(f"{path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
         labels_of_image.setdefault(ann["image_id"], set()).add(label_of_category[ann["category_id"]])
     result, problems = {}, []
     for image in coco["images"]:
@@ -67,13 +68,13 @@ def read_coco(path: str) -> dict[str, int]:
             continue
         result[image["file_name"]] = labels.pop()
     if problems:
-        raise ValueError(f"{path}: images without exactly one category: {problems[:10]}")
+        raise DataError(f"{path}: images without exactly one category: {problems[:10]}")
     return result
 
 
 def parse(raw_dir: str, variant: str) -> common.Plan:
     if variant not in VARIANTS:
-        raise ValueError(f"unknown GIST514-DB variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        raise ConfigError(f"unknown GIST514-DB variant {variant!r}; choose one of {sorted(VARIANTS)}")
     folder, stem = VARIANTS[variant]
     text = layout(variant)
     root = common.find_root(raw_dir, f"annotations/val_{stem}_0.json", folder, text)
@@ -137,7 +138,7 @@ class Gist514(builder.BenchmarkBuilder):
     LICENSE = "CC BY-NC-SA 4.0"
     HOMEPAGE = ""
     DESCRIPTION = "GIST514-DB endoscopic ultrasound, leiomyoma (0) vs GIST (1); five official COCO splits."
-    # Only the facts of shared/reference/benchmarks.md; complete the entry from the publisher's page.
+    # Only the facts of docs/benchmarks.md; complete the entry from the publisher's page.
     CITATION = """@article{he2022query2,
   title={Query2 (GIST514-DB)}, author={He and others},
   journal={Computers in Biology and Medicine}, year={2022}}"""

@@ -1,6 +1,6 @@
 """A generic labelled ultrasound set: class folders, or a `path,label[,subject,split]` CSV.
 
-For users' own downstream tasks (fetal-heart views, thyroid nodules, ...; shared/reference/benchmarks.md):
+For users' own downstream tasks (fetal-heart views, thyroid nodules, ...; docs/benchmarks.md):
   * a folder with one sub-folder per class (class names sorted; images found recursively);
   * or a CSV with a header holding at least `path` and `label` (paths relative to the CSV's folder or
     absolute), optionally `subject` and `split` (train | validation | val | test).
@@ -8,6 +8,10 @@ Without a split column the converter makes subject-level stratified splits (defa
 subject straddles two splits, and an empty subject makes the image its own group. Files that look like masks
 (`*_mask*`, `*_binary*`, `*_seg*`, or under a `mask(s)` / `annotations` folder) are skipped with a reason:
 masks never become inputs. The storage parts are the three splits themselves (fold "0").
+
+Class folders are walked with `data_prep.walk`: symlinked files and folders are followed, and a symlink that
+cannot be (broken, looping) is skipped with that reason. A file listed twice in the CSV is converted once,
+with a warning. A CSV or split value that cannot work is a `DataError` naming the file and the row.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import re
 from PIL import Image
 
 from data_prep.benchmarks import builder, common
+from data_prep.walk import walk
+from usf_mae_jax.cli import ConfigError, DataError
 
 LAYOUT = """either  SRC/<class name>/**/*.png|jpg|jpeg|bmp|tif   (one sub-folder per class)
 or      SRC.csv with a header: path,label[,subject,split]"""
@@ -39,36 +45,44 @@ def _rows_from_folders(src: str, plan: common.Plan) -> list[dict[str, str]]:
         raise common.LayoutError(f"{src} has no class sub-folders. Expected layout:\n{LAYOUT}")
     rows = []
     for name in classes:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(src, name)):
-            dirnames.sort()
-            for file_name in sorted(filenames):
-                relative = os.path.relpath(os.path.join(dirpath, file_name), src)
-                if not file_name.lower().endswith(common.IMAGE_EXTENSIONS):
-                    plan.skip(relative, "not an image file")
-                elif looks_like_mask(os.path.relpath(relative, name)):
-                    plan.skip(relative, "looks like a mask (name or folder); masks are never inputs")
-                else:
-                    rows.append({"path": relative, "label": name, "subject": "", "split": ""})
+        tree = walk(os.path.join(src, name))
+        for why, paths in tree.left_out.items():
+            for path in paths:
+                plan.skip(f"{name}/{path}", f"cannot be read as a file ({why.replace('_', ' ')})")
+        for path in tree.files:
+            relative = f"{name}/{path}"
+            if not path.lower().endswith(common.IMAGE_EXTENSIONS):
+                plan.skip(relative, "not an image file")
+            elif looks_like_mask(path):
+                plan.skip(relative, "looks like a mask (name or folder); masks are never inputs")
+            else:
+                rows.append({"path": relative, "label": name, "subject": "", "split": ""})
     return rows
 
 
 def _rows_from_csv(path: str) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip().lower() for h in next(reader, [])]
-        missing = [c for c in ("path", "label") if c not in header]
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {missing} in its header {header}; "
-                             f"expected path,label[,subject,split]")
-        rows = []
-        for number, values in enumerate(reader, 2):
-            if not any(v.strip() for v in values):
-                continue
-            row = {h: v.strip() for h, v in zip(header, values)}
-            if not row.get("path") or not row.get("label"):
-                raise ValueError(f"{path}:{number}: empty path or label in {values}")
-            rows.append({"path": row["path"], "label": row["label"], "subject": row.get("subject", ""),
-                         "split": row.get("split", "")})
+        try:
+            return _csv_rows(path, csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise DataError(f"{path} is not a UTF-8 CSV file ({err})") from None
+
+
+def _csv_rows(path: str, reader) -> list[dict[str, str]]:
+    header = [h.strip().lower() for h in next(reader, [])]
+    missing = [c for c in ("path", "label") if c not in header]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {missing} in its header {header}; "
+                        f"expected path,label[,subject,split]")
+    rows = []
+    for number, values in enumerate(reader, 2):
+        if not any(v.strip() for v in values):
+            continue
+        row = {h: v.strip() for h, v in zip(header, values)}
+        if not row.get("path") or not row.get("label"):
+            raise DataError(f"{path}:{number}: empty path or label in {values}")
+        rows.append({"path": row["path"], "label": row["label"], "subject": row.get("subject", ""),
+                     "split": row.get("split", "")})
     return rows
 
 
@@ -85,14 +99,14 @@ def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed:
     is_csv = os.path.isfile(src)
     root = os.path.dirname(os.path.abspath(src)) if is_csv else src
     plan = common.Plan(root=root, class_names=[], items=[], folds={}, default_fold="0",
-                       metadata_files=[os.path.basename(src)] if is_csv else [])
+                       metadata_files=[os.path.basename(src)] if is_csv else [], walk_root=not is_csv)
     rows = _rows_from_csv(src) if is_csv else _rows_from_folders(src, plan)
     if not rows:
         raise common.LayoutError(f"{src} lists no images. Expected layout:\n{LAYOUT}")
     plan.class_names = _sorted_labels({r["label"] for r in rows})
     with_split = [r for r in rows if r["split"]]
     if with_split and len(with_split) != len(rows):
-        raise ValueError(f"{src}: the split column is filled for {len(with_split)} of {len(rows)} rows; "
+        raise DataError(f"{src}: the split column is filled for {len(with_split)} of {len(rows)} rows; "
                          f"fill it for all rows or for none")
     seen = set()
     for row in rows:
@@ -100,12 +114,12 @@ def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed:
         relative = os.path.relpath(full, root)
         split = row["split"].lower()
         if split and split not in SPLIT_NAMES:
-            raise ValueError(f"{src}: split {row['split']!r} of {row['path']} is not one of {sorted(SPLIT_NAMES)}")
+            raise DataError(f"{src}: split {row['split']!r} of {row['path']} is not one of {sorted(SPLIT_NAMES)}")
         if relative in seen:
-            plan.skip(relative, "listed twice; the first row is used")
+            plan.warnings.append(f"{relative} is listed twice in {src}; the first row is used")
             continue
         if not os.path.isfile(full):
-            plan.skip(relative, "listed but missing")
+            plan.skip(relative, "listed, but a broken symlink" if os.path.islink(full) else "listed but missing")
             continue
         if is_csv and looks_like_mask(relative):
             plan.skip(relative, "looks like a mask (name or folder); masks are never inputs")
@@ -123,7 +137,7 @@ def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed:
 def _assign_splits(plan: common.Plan, val_fraction: float, test_fraction: float, seed: int) -> None:
     """Subject-level stratified train/validation/test, by two nested hold-outs."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"split fractions must be in [0, 1) and sum below 1, got val {val_fraction}, "
+        raise ConfigError(f"split fractions must be in [0, 1) and sum below 1, got val {val_fraction}, "
                          f"test {test_fraction}")
     items = plan.items
     rest, test = common.stratified_holdout([i.source for i in items], [i.label for i in items],
@@ -138,11 +152,18 @@ def _assign_splits(plan: common.Plan, val_fraction: float, test_fraction: float,
 
 
 def grayscale_only(plan: common.Plan) -> bool:
-    """True when every image is stored grayscale (read from the file headers only, so it is cheap)."""
+    """True when every image is stored grayscale (read from the file headers only, so it is cheap).
+
+    A file whose header PIL cannot read is left to the decoder, which reports it as skipped.
+    """
     for item in plan.items:
-        with Image.open(item.path) as image:
-            if image.mode not in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F", "LA"):
-                return False
+        try:
+            with Image.open(item.path) as image:
+                mode = image.mode
+        except (OSError, SyntaxError, ValueError):
+            continue
+        if mode not in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F", "LA"):
+            return False
     return True
 
 

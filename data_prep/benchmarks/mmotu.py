@@ -1,6 +1,6 @@
 """MMOTU-2D: ovarian tumour ultrasound, 8 classes, with the official train and val lists.
 
-Layout and facts from `shared/reference/benchmarks.md` (the dataset's own list files):
+Layout and facts from `docs/benchmarks.md` (the dataset's own list files):
   * `train_cls.txt` / `val_cls.txt` hold "N.JPG<whitespace>label" lines; the separator is not always one
     space, so lines are split on any whitespace;
   * `train.txt` / `val.txt` list the same stems and are cross-checked when present;
@@ -8,7 +8,7 @@ Layout and facts from `shared/reference/benchmarks.md` (the dataset's own list f
     read;
   * no patient ids are released, so `subject` is empty and splits are image-level.
 Storage parts are `train` (1000 images) and `val` (469). The official protocol trains on train and tests on
-val; as UltraSam's public setup does (usf_mae_recipe.md), a stratified 5% of train is held out for
+val; as UltraSam's public setup does (docs/benchmarks.md), a stratified 5% of train is held out for
 validation (seed 0); `train_full` keeps the whole list.
 """
 
@@ -18,6 +18,7 @@ import os
 from collections import Counter
 
 from data_prep.benchmarks import builder, common
+from usf_mae_jax.cli import DataError
 
 LAYOUT = """OTU_2d/
   images/         1.JPG ... 1469.JPG        (3-channel; some colour Doppler)
@@ -33,30 +34,28 @@ DOCUMENTED = {
     "train": dict(zip(CLASS_NAMES, (226, 153, 228, 57, 47, 180, 71, 38))),
     "val": dict(zip(CLASS_NAMES, (110, 66, 108, 31, 19, 87, 33, 15))),
 }
-VALIDATION_FRACTION = 0.05  # UltraSam's setup: 5% of the training part (shared/reference/usf_mae_recipe.md)
+VALIDATION_FRACTION = 0.05  # UltraSam's setup: 5% of the training part (docs/benchmarks.md)
 VALIDATION_SEED = 0
 
 
 def read_cls_list(path: str) -> list[tuple[str, int]]:
     """(file name, label) pairs of a *_cls.txt file; a malformed line is an error naming file and line."""
     pairs = []
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-                raise ValueError(f"{path}:{number}: expected '<image> <label>', got {line.rstrip()!r}")
-            label = int(fields[1])
-            if not 0 <= label < len(CLASS_NAMES):
-                raise ValueError(f"{path}:{number}: label {label} is outside 0..{len(CLASS_NAMES) - 1}")
-            pairs.append((fields[0], label))
+    for number, line in enumerate(common.read_lines(path), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+            raise DataError(f"{path}:{number}: expected '<image> <label>', got {line.rstrip()!r}")
+        label = int(fields[1])
+        if not 0 <= label < len(CLASS_NAMES):
+            raise DataError(f"{path}:{number}: label {label} is outside 0..{len(CLASS_NAMES) - 1}")
+        pairs.append((fields[0], label))
     return pairs
 
 
 def read_stems(path: str) -> list[str]:
-    with open(path, encoding="utf-8-sig") as f:
-        return [os.path.splitext(line.strip())[0] for line in f if line.strip()]
+    return [os.path.splitext(line.strip())[0] for line in common.read_lines(path) if line.strip()]
 
 
 def parse(raw_dir: str) -> common.Plan:
@@ -94,7 +93,7 @@ def parse(raw_dir: str) -> common.Plan:
     sources = Counter(i.source for i in plan.items)
     repeated = sorted(s for s, n in sources.items() if n > 1)
     if repeated:
-        raise ValueError(f"{root}: images listed more than once across train_cls.txt and val_cls.txt: "
+        raise DataError(f"{root}: images listed more than once across train_cls.txt and val_cls.txt: "
                          f"{repeated[:10]}")
     train = [i for i in plan.items if i.part == "train"]
     kept, held = common.stratified_holdout([i.source for i in train], [i.label for i in train],
@@ -115,7 +114,7 @@ class Mmotu(builder.BenchmarkBuilder):
     name = "mmotu"
     CLASS_NAMES = CLASS_NAMES
     CHANNELS = 3
-    LICENSE = "not stated in shared/reference/benchmarks.md; see the terms of the MMOTU release"
+    LICENSE = "not stated by the MMOTU release (docs/benchmarks.md); see its terms"
     HOMEPAGE = ""
     DESCRIPTION = "MMOTU-2D ovarian tumour ultrasound, 8 classes; official train (1000) and val (469) lists."
     CITATION = """@article{zhao2022mmotu,

@@ -1,11 +1,12 @@
 """Archive handling before any globbing: nested zip unpacking and instructions for RAR / multi-part sets.
 
 Several OpenUS-46 datasets arrive as zips inside zips (AUL's class zips, FASS, FH-PS-AOP, STMUS_NDA,
-MicroSeg, regPro's train/val zips, DDTI inside "Thyroid Dataset", one zip per DFHI plane; openus46.md F8).
+MicroSeg, regPro's train/val zips, DDTI inside "Thyroid Dataset", one zip per DFHI plane; docs/openus46.md F8).
 `unpack_nested_zips` extracts every zip under a dataset folder into a sibling folder named after the zip's
 stem, repeating until no new zip appears. Extraction goes to a temporary folder renamed at the end, so an
 interrupted run never leaves a half-extracted tree that looks finished. Member paths are checked so a zip
-cannot write outside its target folder.
+cannot write outside its target folder. An unreadable or unsafe zip is a `DataError` naming the file, which the
+OpenUS-46 converter reports as that dataset's failure.
 
 RAR (Fast-U-Net, TRFE-Net's GitHub copy of TN3K), 7z and split archives (CardiacUDC's Kaggle `.z01`
 parts) cannot be opened with the standard library; `archive_instructions` says how to extract them by hand.
@@ -18,6 +19,8 @@ import os
 import re
 import shutil
 import zipfile
+
+from usf_mae_jax.cli import DataError
 
 ZIP_SUFFIXES = (".zip", ".change2zip")
 _SPLIT_PART = re.compile(r"\.(z\d\d|\d{3}|part\d+\.rar)$", re.IGNORECASE)
@@ -58,15 +61,15 @@ def _safe_extract(zip_path: str, target: str) -> None:
             for member in archive.namelist():
                 destination = os.path.realpath(os.path.join(partial, member))
                 if not (destination == root or destination.startswith(root + os.sep)):
-                    raise ValueError(f"{zip_path}: member {member!r} would be written outside {target}")
+                    raise DataError(f"{zip_path}: member {member!r} would be written outside {target}")
             archive.extractall(partial)
     except zipfile.BadZipFile as err:
         shutil.rmtree(partial, ignore_errors=True)
         hint = " (a Kaggle '.change2zip' may need `7z x`)" if zip_path.lower().endswith(".change2zip") else ""
-        raise ValueError(f"{zip_path}: not a readable zip archive ({err}){hint}") from err
+        raise DataError(f"{zip_path}: not a readable zip archive ({err}){hint}") from err
     except NotImplementedError as err:
         shutil.rmtree(partial, ignore_errors=True)
-        raise ValueError(f"{zip_path}: uses a compression method Python cannot read ({err}); "
+        raise DataError(f"{zip_path}: uses a compression method Python cannot read ({err}); "
                          f"extract it with `7z x` into {target}") from err
     os.replace(partial, target)
 

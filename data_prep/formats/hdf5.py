@@ -1,7 +1,7 @@
 """HDF5 reader: 2-D frames stored flat in one dataset, optionally grouped by an id dataset.
 
 Thyroid US Cineclip ships `dataset.hdf5` with `image` (N, H, W uint8), `mask`, `annot_id` and `frame_num`
-(openus46.md, F7). Only the named image dataset is read, never `mask`. When a group dataset is named
+(docs/openus46.md, F7). Only the named image dataset is read, never `mask`. When a group dataset is named
 (`annot_id`, one nodule's cine per id), the sampling rule is applied per group, so every clip is thinned
 the same way instead of the flat stack as a whole.
 """

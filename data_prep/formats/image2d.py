@@ -11,19 +11,26 @@ Sixteen-bit and floating-point images are rescaled to uint8 by their own range (
 ultrasound exports rarely use the full 16-bit range and a fixed `>> 8` would leave them nearly black. Alpha
 is composited onto black, the colour outside an ultrasound scan region. Unreadable input raises a ValueError
 that names the file and the problem, so a converter can record it as skipped and carry on.
+
+No ultrasound frame comes near `MAX_PIXELS` (200 megapixels), so a bigger image is a mistake or a
+decompression bomb. `check_pixel_count` reads only the header (PIL opens lazily: the size is known before any
+pixel is decoded) and refuses such a file before it is decoded. PIL's own guard is not enough: it only warns
+between `MAX_IMAGE_PIXELS` and twice that, and decodes anyway.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm")
 
-# Refuse decompression bombs loudly rather than exhausting memory: no ultrasound frame is near 200 MP.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+MAX_PIXELS = 200_000_000
+# PIL's guard as a second line of defence (it raises only above twice this value).
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 def _rescale_to_uint8(array: np.ndarray) -> np.ndarray:
@@ -68,22 +75,44 @@ def _to_array(image: Image.Image) -> np.ndarray:
     return _collapse_gray(np.asarray(image.convert("RGB")))
 
 
+def check_pixel_count(path: str | os.PathLike) -> None:
+    """Raises ValueError naming the file when its header announces more than `MAX_PIXELS` pixels.
+
+    Only the header is read. A file PIL cannot identify passes: the caller's decoder reports it.
+    """
+    path = os.fspath(path)
+    try:
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS; the refusal below says it once
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: image too large ({e}); not decoded") from e
+    except (OSError, SyntaxError, ValueError):
+        return
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"{path}: image too large ({width}x{height} = {width * height / 1e6:.0f} megapixels, "
+                         f"above the {MAX_PIXELS / 1e6:.0f}-megapixel cap); not decoded")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Reads one still image -> uint8 (H, W) grayscale or (H, W, 3) RGB. Multi-frame files give frame 0.
 
-    Raises ValueError("<path>: <problem>") for missing, empty, truncated or undecodable files.
+    Raises ValueError("<path>: <problem>") for missing, empty, truncated or undecodable files, and for images
+    above `MAX_PIXELS`, which are refused from their header before any pixel is decoded.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: file not found")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty file (0 bytes)")
+    check_pixel_count(path)
     try:
         with Image.open(path) as image:
             image.load()
             array = _to_array(image)
     except Image.DecompressionBombError as e:
-        raise ValueError(f"{path}: image too large ({e})") from e
+        raise ValueError(f"{path}: image too large ({e}); not decoded") from e
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncation/corruption with these
         raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
     if array.ndim not in (2, 3) or array.shape[0] == 0 or array.shape[1] == 0:

@@ -1,7 +1,7 @@
 """Frame / slice sampling for videos, cines and volumes, and the cast of any pixel array to uint8.
 
 Consecutive frames of a cine or neighbouring slices of a volume are near-duplicates; emitting all of them
-would let a few video datasets dominate the pretraining mix (openus46.md, family F5: "never emit every frame
+would let a few video datasets dominate the pretraining mix (docs/openus46.md, family F5: "never emit every frame
 of EchoNet / ACOUSLIC / BLUES / brachial plexus"). Every sequence reader therefore takes a `FrameSampling`
 rule and applies it the same way:
 

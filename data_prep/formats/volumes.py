@@ -2,7 +2,7 @@
 
 Both return arrays in SimpleITK's order, slowest axis first: (H, W) for a 2-D image, (T or D, H, W) for a
 cine or volume. nibabel returns the opposite (x, y, z) order, so its arrays are reversed; after that the
-frames of a 2-D+t cine are `array[t]` whichever library read the file (openus46.md, F5: "SimpleITK array is
+frames of a 2-D+t cine are `array[t]` whichever library read the file (docs/openus46.md, F5: "SimpleITK array is
 (T, H, W); nibabel gives (W, H, T)").
 
 Used by FH-PS-AOP and PSFHS (single 2-D .mha), ACOUSLIC (.mha 2-D+t stacks), CAMUS, CardiacUDC and EchoCP
@@ -44,7 +44,7 @@ def read_metaimage(path: str) -> np.ndarray:
 def metaimage_as_2d(array: np.ndarray, path: str = "") -> np.ndarray:
     """A single 2-D uint8 image from a MetaImage array.
 
-    FH-PS-AOP and PSFHS store one frame as a (3, H, W) "volume" of three identical channels; openus46.md
+    FH-PS-AOP and PSFHS store one frame as a (3, H, W) "volume" of three identical channels; docs/openus46.md
     (F4) takes channel 0. Channels that differ are kept as colour (H, W, 3). A (1, H, W) stack is squeezed.
     """
     array = np.asarray(array)

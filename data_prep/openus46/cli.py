@@ -7,6 +7,11 @@ Each dataset is read from `RAW/<key>/` and written to `OUT/<key>/`. Finished dat
 interrupted run resumes where it stopped. The run ends with a summary table (images written, frames sampled,
 files skipped by reason, duplicates removed) printed as markdown and saved as `OUT/openus46_summary.md` and
 `OUT/openus46_summary.json`.
+
+Options are checked before any dataset is touched (unknown keys, a missing `--raw_dir`, non-positive sizes);
+each is a one-line error. A dataset that fails (no input, an unreadable archive, no readable image) does not
+stop the others: it is a `failed` / `no inputs` row, and the run then ends with one line naming the failed
+datasets and a non-zero status. When none of the requested datasets is under `--raw_dir`, the run fails at once.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ import json
 import os
 import sys
 
+from data_prep import arguments, writer
 from data_prep.clean import CleanOptions
 from data_prep.dedup import BENCHMARK_HOLDOUTS, DEFAULT_PHASH_THRESHOLD, Deduplicator, conversion_order, load_hash_list
 from data_prep.openus46.convert import ConvertOptions, convert_dataset
 from data_prep.openus46.registry import REGISTRY, parse_datasets
 from data_prep.openus46.spec import FAMILIES
+from usf_mae_jax.cli import ConfigError, DataError, MissingInputError
+
+FAILED_STATUSES = ("no inputs", "failed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw_dir", help="root holding one extracted folder per dataset key, RAW/<key>/")
     parser.add_argument("--out_dir", help="output root; each dataset goes to OUT/<key>/")
     parser.add_argument("--datasets", default="all", help="'all' or comma-separated keys (see --list)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes for reading and encoding")
+    parser.add_argument("--workers", type=arguments.positive_int, default=1,
+                        help="worker processes for reading and encoding")
     parser.add_argument("--overwrite", action="store_true", help="convert finished datasets again")
-    parser.add_argument("--max_side", type=int, default=512, help="cap on the longest image side (0: none)")
-    parser.add_argument("--max_frames", type=int, default=None,
+    parser.add_argument("--max_side", type=arguments.non_negative_int, default=512,
+                        help="cap on the longest image side (0: none)")
+    parser.add_argument("--max_frames", type=arguments.positive_int, default=None,
                         help="override every dataset's per-video / per-volume frame cap")
     parser.add_argument("--include_optional", action="store_true",
                         help="also convert optional inputs (Cactus and LUSS videos, which overlap the stills)")
@@ -50,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dedup = parser.add_argument_group("de-duplication (data_prep/dedup.py)")
     dedup.add_argument("--dedup", choices=("phash", "exact", "none"), default="phash",
                        help="phash: exact + perceptual near-duplicates; exact: content hash only")
-    dedup.add_argument("--phash_threshold", type=int, default=DEFAULT_PHASH_THRESHOLD,
+    dedup.add_argument("--phash_threshold", type=arguments.non_negative_int, default=DEFAULT_PHASH_THRESHOLD,
                        help="max Hamming distance (of 64 bits) for a near-duplicate")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
 
@@ -84,7 +95,7 @@ def summary_markdown(rows: list[dict]) -> str:
 
 def _options(args: argparse.Namespace) -> ConvertOptions:
     clean = CleanOptions(grayscale=not args.no_grayscale, crop=args.crop, inpaint=args.inpaint)
-    return ConvertOptions(raw_dir=args.raw_dir, out_dir=args.out_dir, workers=max(1, args.workers),
+    return ConvertOptions(raw_dir=args.raw_dir, out_dir=args.out_dir, workers=args.workers,
                           overwrite=args.overwrite, max_side=args.max_side, clean=clean,
                           include_optional=args.include_optional, include_holdouts=args.include_holdouts,
                           unpack=not args.no_unpack, max_frames=args.max_frames,
@@ -97,14 +108,19 @@ def run(args: argparse.Namespace) -> int:
         print("\nformat families: " + "; ".join(f"{k} = {v}" for k, v in FAMILIES.items()))
         return 0
     if not args.raw_dir or not args.out_dir:
-        print("openus46: --raw_dir and --out_dir are required to convert (or pass --list)", file=sys.stderr)
-        return 2
+        raise ConfigError("--raw_dir and --out_dir are required to convert (or pass --list)")
+    arguments.existing_folder(args.raw_dir, "--raw_dir")
     try:
         keys = parse_datasets(args.datasets)
-        holdouts = [load_hash_list(path) for path in args.holdout_hashes]
     except ValueError as err:
-        print(f"openus46: {err}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--datasets: {err}") from err
+    _check_something_to_convert(keys, args)
+    holdouts = []
+    for path in args.holdout_hashes:
+        try:
+            holdouts.append(load_hash_list(path))
+        except ValueError as err:
+            raise DataError(f"--holdout_hashes: {err}") from err
     dedup = None
     if args.dedup != "none" or holdouts:
         threshold = args.phash_threshold if args.dedup == "phash" else None
@@ -118,10 +134,40 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
     markdown = summary_markdown(rows)
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "openus46_summary.md"), "w") as handle:
-        handle.write(markdown + "\n")
-    with open(os.path.join(args.out_dir, "openus46_summary.json"), "w") as handle:
-        json.dump({"datasets": rows, "total_images": sum(r["images"] for r in rows)}, handle, indent=2)
+    summary_path = os.path.join(args.out_dir, "openus46_summary.md")
+    _write_text(summary_path, markdown + "\n")
+    _write_text(os.path.join(args.out_dir, "openus46_summary.json"),
+                json.dumps({"datasets": rows, "total_images": sum(r["images"] for r in rows)}, indent=2))
     print(markdown)
-    failed = [row["key"] for row in rows if row["status"] == "no inputs"]
-    return 1 if failed else 0
+    _raise_for_failures(rows, summary_path)
+    return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    """Writes a summary file through a temporary name; a failed write is an OSError naming the file."""
+    temp = path + ".tmp"
+    with writer.writing(temp), open(temp, "w") as handle:
+        handle.write(text)
+    os.replace(temp, path)
+
+
+def _check_something_to_convert(keys: list[str], args: argparse.Namespace) -> None:
+    """Fails before anything is written when no requested dataset can be converted at all."""
+    if not keys:
+        raise ConfigError(f"--datasets {args.datasets!r} names no dataset; pass 'all' or keys from --list")
+    wanted = [key for key in keys if args.include_holdouts or not REGISTRY[key].holdout]
+    if not wanted:
+        raise ConfigError(f"--datasets {args.datasets!r}: only held-out benchmarks, which are not converted "
+                          "for pretraining unless --include_holdouts is given")
+    if not any(os.path.isdir(os.path.join(args.raw_dir, key)) for key in wanted):
+        shown = ", ".join(wanted[:5]) + (", ..." if len(wanted) > 5 else "")
+        raise MissingInputError(f"--raw_dir {os.path.abspath(args.raw_dir)} holds none of the requested "
+                                f"datasets (expected RAW/<key>/ folders such as {shown}; see --list)")
+
+
+def _raise_for_failures(rows: list[dict], summary_path: str) -> None:
+    """One DataError for the whole run, naming the datasets that failed."""
+    failed = [row for row in rows if row["status"] in FAILED_STATUSES]
+    if failed:
+        details = "; ".join(f"{row['key']}: {row['status']}, {row['message']}" for row in failed)
+        raise DataError(f"{len(failed)} of {len(rows)} datasets failed ({details}); see {summary_path}")

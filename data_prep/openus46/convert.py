@@ -6,9 +6,13 @@ Steps for one dataset (the CLI runs them for each requested key, canonical dupli
    when `OUT/<key>/manifest.json` exists (finished earlier: resume), restoring its dedup hashes;
 2. unpack nested zips, then find the inputs with the spec's include / exclude rules (`spec.discover`);
 3. hand one task per input file to `writer.write_dataset`, with `load_file` as the loader (run in worker
-   processes) and the shared `Deduplicator` as the dedup callable (main process);
+   processes) and the shared `Deduplicator` as the dedup callable (main process); every other file under
+   `RAW/<key>/` goes to the manifest's `not_converted` by category, so its `accounting` covers the folder;
 4. save the dataset's kept hashes next to the output (`OUT/_openus46/<key>.json`) so a resumed run still
    deduplicates later datasets against it, and return one summary row.
+
+A dataset that cannot be converted (an unreadable zip, every input unreadable) gives a `failed` row with the
+one-line reason and no manifest; the other datasets still run, and the CLI reports the failures at the end.
 
 A task is a tuple whose first element is the input's absolute path, so the writer hashes the source file
 into the manifest and names it in `skipped` when the loader fails.
@@ -44,6 +48,7 @@ from data_prep.openus46.spec import (
     discover,
     subject_of,
 )
+from usf_mae_jax.cli import DataError, one_line
 
 CONVERTER_VERSION = "openus46 1.0"
 SIDECAR_DIR = "_openus46"
@@ -113,16 +118,18 @@ def _clean_options(spec: DatasetSpec, options: ConvertOptions) -> CleanOptions:
     return dataclasses.replace(options.clean, colour_is_content=spec.colour_is_content)
 
 
-def build_tasks(spec: DatasetSpec, options: ConvertOptions) -> tuple[list[tuple], dict[str, str], list[str]]:
-    """(tasks, {excluded file: reason}, archive notes) for one dataset folder; unpacks zips first."""
+def build_tasks(spec: DatasetSpec, options: ConvertOptions
+                ) -> tuple[list[tuple], dict[str, str], dict[str, list[str]], list[str]]:
+    """(tasks, {excluded file: reason}, {category: files left out}, archive notes) for one dataset folder;
+    unpacks zips first."""
     root = dataset_root(options, spec.key)
     if options.unpack:
         unpack_nested_zips(root, skip=spec.unpack_skip)
-    inputs, excluded = discover(spec, root, options.include_optional)
+    inputs, excluded, left_out = discover(spec, root, options.include_optional)
     notes = unsupported_archives(root)
     clean, sampling = _clean_options(spec, options), _sampling(spec, options)
     tasks = [(os.path.join(root, rel), spec.key, rel, clean, sampling) for rel in inputs]
-    return tasks, excluded, notes
+    return tasks, excluded, left_out, notes
 
 
 def _sidecar_path(options: ConvertOptions, key: str) -> str:
@@ -167,7 +174,10 @@ def convert_dataset(spec: DatasetSpec, options: ConvertOptions, dedup: Deduplica
             dedup.restore(spec.key, sidecar)
         note = "" if sidecar is not None else "no dedup sidecar: later datasets are not deduplicated against it"
         return _row(spec, "already converted", existing, sidecar, note)
-    tasks, excluded, notes = build_tasks(spec, options)
+    try:
+        tasks, excluded, left_out, notes = build_tasks(spec, options)
+    except DataError as err:
+        return _row(spec, "failed", message=one_line(str(err)))
     if not tasks:
         hint = " ".join(notes) if notes else "no file matched the include rules " + ", ".join(spec.include)
         return _row(spec, "no inputs", message=hint)
@@ -187,10 +197,14 @@ def convert_dataset(spec: DatasetSpec, options: ConvertOptions, dedup: Deduplica
         "dedup": None if dedup is None else {"exact": dedup.exact, "phash_threshold": dedup.phash_threshold},
         "excluded_count": len(excluded), "excluded": excluded, "archive_notes": notes,
     }
-    manifest = writer.write_dataset(
-        options.out_dir, spec.key, tasks, load_file, workers=options.workers, overwrite=options.overwrite,
-        max_side=options.max_side, dedup=on_example, manifest_extra=extra, progress=options.progress,
-        records_per_shard=options.records_per_shard)
+    try:
+        manifest = writer.write_dataset(
+            options.out_dir, spec.key, tasks, load_file, workers=options.workers, overwrite=options.overwrite,
+            max_side=options.max_side, dedup=on_example, manifest_extra=extra, progress=options.progress,
+            records_per_shard=options.records_per_shard,
+            not_converted={"excluded": sorted(excluded), **left_out})
+    except DataError as err:
+        return _row(spec, "failed", message=one_line(str(err)))
     sidecar = {"frames_sampled": frames["sampled"], **(dedup.export(spec.key) if dedup is not None else {})}
     _write_sidecar(options, spec.key, sidecar)
     return _row(spec, "converted", manifest, sidecar, " ".join(notes))
@@ -212,6 +226,6 @@ def _write_sidecar(options: ConvertOptions, key: str, payload: dict) -> None:
     path = _sidecar_path(options, key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temp = path + ".tmp"
-    with open(temp, "w") as handle:
+    with writer.writing(temp), open(temp, "w") as handle:
         json.dump(payload, handle)
     os.replace(temp, path)

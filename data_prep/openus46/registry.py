@@ -1,4 +1,4 @@
-"""The registry of the 46 OpenUS-46 dataset specs, keyed exactly as the `key` list of openus46.md."""
+"""The registry of the 46 OpenUS-46 dataset specs, keyed exactly as the `key` list of docs/openus46.md."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from data_prep.openus46.spec import DatasetSpec
 from data_prep.openus46.specs_2d import SPECS_2D
 from data_prep.openus46.specs_sequences import SPECS_SEQUENCES
 
-# The `key` list of openus46.md, in its order.
+# The `key` list of docs/openus46.md, in its order.
 KEYS = (
     "105us", "abdomenus", "acouslic", "aul", "blues", "bp", "brachial_plexus", "breast", "bus_b", "bus_uc",
     "bus_ucml", "bus_bra", "cactus", "camus", "cardiacudc", "ccaui", "dfhi", "echocp", "echonet_dynamic",

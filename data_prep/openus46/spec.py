@@ -2,7 +2,7 @@
 
 The USF-MAE training set was "every PNG under a folder", which ingests masks as easily as images. Here
 every dataset names its inputs positively (`include` globs, relative to `RAW/<key>/`) and then removes
-what must stay out, in three layers (openus46.md, "Format families"):
+what must stay out, in three layers (docs/openus46.md, "Format families"):
 
 * `exclude_dirs`: any directory component matching one of these patterns drops the file (masks that share
   the image's file name, such as BUS `GT/`, ACOUSLIC `masks/`, TN3K `*-mask/`, are only separable here);
@@ -12,13 +12,16 @@ what must stay out, in three layers (openus46.md, "Format families"):
 
 Patterns are case-insensitive. Globs support `*`, `?`, `[...]`, `{a,b}` and `**` (any number of folders,
 zero included).
+
+`discover` accounts for every file under the dataset folder: an input, excluded with a reason, or left out by
+category (`not_included` when no include glob matches it; symlinks that cannot be followed and unpacking
+leftovers as reported by `data_prep.walk`), so the manifest can show that nothing vanished.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import os
 import re
 from functools import lru_cache
 
@@ -27,17 +30,18 @@ from data_prep.formats.hdf5 import HDF5_EXTENSIONS
 from data_prep.formats.sampling import FrameSampling
 from data_prep.formats.video import VIDEO_EXTENSIONS
 from data_prep.formats.volumes import METAIMAGE_EXTENSIONS, NIFTI_EXTENSIONS
+from data_prep.walk import walk
 
 # Still images read with formats.image2d. GIF is absent on purpose: POCUS ships GIF clips, read as video.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 INPUT_EXTENSIONS = (IMAGE_EXTENSIONS + METAIMAGE_EXTENSIONS + NIFTI_EXTENSIONS + VIDEO_EXTENSIONS
                     + HDF5_EXTENSIONS + DICOM_EXTENSIONS)
 
-# openus46.md: "Apply the global exclusion list to every dataset on top of its own rules".
+# docs/openus46.md: "Apply the global exclusion list to every dataset on top of its own rules".
 GLOBAL_EXCLUDES = ("*mask*", "*_gt*", "*annot*", "label*", "gt", "segmentationclass*", "*_label.nii*",
                    "array_format", "segmentation_results", "__macosx", ".ds_store", "._*")
 
-# Format families of openus46.md, for the --list table.
+# Format families of docs/openus46.md, for the --list table.
 FAMILIES = {
     "F1": "2-D images, masks in a separate folder",
     "F2": "2-D images, masks in the same folder",
@@ -163,35 +167,33 @@ def exclusion_reason(spec: DatasetSpec, relpath: str) -> str | None:
     return None
 
 
-def walk_files(root: str) -> list[str]:
-    """Every file under `root` as a sorted relative posix path (unpacking leftovers skipped)."""
-    found = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.endswith(".partial"))
-        relative = os.path.relpath(directory, root).replace(os.sep, "/")
-        for name in files:
-            found.append(name if relative == "." else f"{relative}/{name}")
-    return sorted(found)
+def _unpacking_leftover(relative_dir: str) -> str | None:
+    """Half-extracted zips (`<stem>.partial/`, see `formats.archives`) are not entered."""
+    return "unpacking_leftover" if relative_dir.endswith(".partial") else None
 
 
-def discover(spec: DatasetSpec, root: str, include_optional: bool = False) -> tuple[list[str], dict]:
-    """(input files, {excluded file: reason}) for a dataset extracted at `root`.
+def discover(spec: DatasetSpec, root: str, include_optional: bool = False
+             ) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
+    """(input files, {excluded file: reason}, {category: files left out}) for a dataset extracted at `root`.
 
     Only files matched by an include glob are considered at all; those are then filtered by the exclude
     rules, and the reasons of files that matched an include but were excluded are returned for the manifest.
+    The other files are left out as `not_included`, next to what the walk could not read (module docstring).
     """
     globs = spec.include + (spec.optional_include if include_optional else ())
     include = compile_globs(globs)
-    inputs, excluded = [], {}
-    for relpath in walk_files(root):
+    tree = walk(root, prune=_unpacking_leftover)
+    inputs, excluded, left_out = [], {}, tree.left_out
+    for relpath in tree.files:
         if not include.match(relpath):
+            left_out.setdefault("not_included", []).append(relpath)
             continue
         reason = exclusion_reason(spec, relpath)
         if reason is None:
             inputs.append(relpath)
         else:
             excluded[relpath] = reason
-    return inputs, excluded
+    return inputs, excluded, left_out
 
 
 @lru_cache(maxsize=128)

@@ -1,6 +1,6 @@
-"""Specs of the OpenUS-46 datasets whose inputs are 2-D images (families F1-F4 of openus46.md).
+"""Specs of the OpenUS-46 datasets whose inputs are 2-D images (families F1-F4 of docs/openus46.md).
 
-Every include / exclude rule below reproduces the "include" and "exclude" columns of openus46.md for that
+Every include / exclude rule below reproduces the "include" and "exclude" columns of docs/openus46.md for that
 dataset; the comments give the quirk the rule exists for. Globs are relative to `RAW/<key>/` and start
 with `**/` where the user may have extracted the archive with or without its top folder.
 """
@@ -86,7 +86,7 @@ SPECS_2D = (
         "fast_u_net", "Fast-U-Net", "fetal abdomen and head", "F1", "PNG (inside RAR)", "no licence file",
         "github.com/vahidashkani/Fast-U-Net", include=("**/resized_data/image/*.png",),
         exclude_dirs=("mask", "test_data", "Fast_unet"), notes="HC half = HC18 images (resized)"),
-    # Layout not confirmed (openus46.md): any image file, in class folders or not.
+    # Layout not confirmed (docs/openus46.md): any image file, in class folders or not.
     DatasetSpec(
         "feft", "FEFT (first-trimester fetal echocardiography)", "fetal heart", "F3", "PNG/JPG (unconfirmed)",
         "CC BY 4.0", "figshare.com/articles/dataset/21215492", include=(f"**/*.{IMG}",),

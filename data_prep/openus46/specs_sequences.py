@@ -1,10 +1,10 @@
 """Specs of the OpenUS-46 datasets whose inputs are videos, cines, volumes or HDF5 stacks (F5-F7).
 
-How the authors turned these into 2-D frames is undocumented (usf_mae_recipe.md); their 370K total
+How the authors turned these into 2-D frames is undocumented (USF-MAE, arXiv 2510.22990); their 370K total
 implies sub-sampling. The `FrameSampling` rules below are ours, chosen so no video set dominates:
 a rate (Hz) where the frame rate is meaningful, else an even spread capped per sequence. ultrabench's POCUS
 rule (3 Hz, at most 30 frames) is reproduced exactly. Slice axes and diagonal flips follow UltraSam's
-converters as summarised in openus46.md (F5, F6).
+converters as summarised in docs/openus46.md (F5, F6).
 """
 
 from __future__ import annotations

@@ -1,15 +1,21 @@
 """Command line for checkpoint interop.
 
-    python -m usf_mae_jax.interop import --checkpoint X.pth --out DIR [--heads H] [--allow_unexpected]
-    python -m usf_mae_jax.interop export --checkpoint DIR_or_X.pth --out Y.safetensors
-        [--format mae|timm_vit] [--heads H]
+    python -m usf_mae_jax.interop [--verbose] import --checkpoint X.pth --out DIR [--heads H]
+        [--allow_unexpected]
+    python -m usf_mae_jax.interop [--verbose] export --checkpoint DIR_or_X.pth --out Y.safetensors
+        [--format mae|timm_vit] [--heads H] [--overwrite]
 
-`import` writes an Orbax checkpoint directory that `init_from` accepts (`torch_mae.load_pretrained`):
+`import` writes an Orbax checkpoint directory that `init` accepts (`torch_mae.load_pretrained`):
     DIR/params                  ocp.StandardCheckpointer save of the nested params dict
     DIR/model_config.json       dataclasses.asdict(ModelConfig)
     DIR/conversion_report.json  the key report (used / missing / unexpected / verified / ignored)
 `export` writes torch state-dict keys (reference MAE or timm ViT) as safetensors, with the model config in the
-file's metadata. Both print the key report and the time taken.
+file's metadata, through a temporary file renamed at the end; it refuses to replace an existing file unless
+`--overwrite`. Both print the key report and the time taken.
+
+Both run under `usf_mae_jax.cli.run_cli`: an unsafe or unrecognised checkpoint, a missing file, an existing
+output or a full disk prints one line, `python -m usf_mae_jax.interop <command>: <message>`, and exits
+non-zero; `--verbose` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -18,12 +24,46 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import time
+import zipfile
 
 import numpy as np
 
+from usf_mae_jax.cli import CheckpointError, ConfigError, MissingInputError, UserError, run_cli, verbose_requested
 from usf_mae_jax.interop import torch_mae, torch_pickle
+
+PROG = "python -m usf_mae_jax.interop"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise `ConfigError` (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def _load(checkpoint: str, **kwargs) -> tuple[dict, torch_mae.ModelConfig, dict]:
+    """`torch_mae.load_pretrained`, with a missing path and a checkpoint it cannot convert as UserErrors.
+
+    The loader reports an incompatible state dict (no preset for its width, a shape that does not fit) as a
+    ValueError that names the problem, and a truncated or corrupt file surfaces as the unpickler's or zip
+    reader's own error; at the command line these are facts about the checkpoint, not bugs.
+    """
+    if not os.path.exists(checkpoint):
+        raise MissingInputError(f"checkpoint {checkpoint} does not exist")
+    try:
+        return torch_mae.load_pretrained(checkpoint, **kwargs)
+    except UserError:
+        raise
+    except FileNotFoundError as err:  # an import directory without its model_config.json
+        raise MissingInputError(str(err)) from err
+    except ValueError as err:
+        raise CheckpointError(f"{checkpoint}: {err}") from err
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{checkpoint}: corrupt or truncated checkpoint ({type(err).__name__}: {err})"
+                              ) from err
 
 
 def import_checkpoint(checkpoint: str, out: str, heads: int | None = None,
@@ -31,11 +71,10 @@ def import_checkpoint(checkpoint: str, out: str, heads: int | None = None,
     """Converts a torch checkpoint into an import directory; returns the report."""
     import orbax.checkpoint as ocp  # local: `export` from a .pth does not need Orbax
 
-    params, config, report = torch_mae.load_pretrained(checkpoint, heads=heads,
-                                                       allow_unexpected=allow_unexpected)
     out = os.path.abspath(out)
     if os.path.exists(os.path.join(out, "params")):
-        raise FileExistsError(f"{out}/params already exists; choose another --out or remove it")
+        raise ConfigError(f"{out}/params already exists; choose another --out or remove it")
+    params, config, report = _load(checkpoint, heads=heads, allow_unexpected=allow_unexpected)
     os.makedirs(out, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(out, "params"), params)
@@ -47,22 +86,38 @@ def import_checkpoint(checkpoint: str, out: str, heads: int | None = None,
     return report
 
 
-def export_checkpoint(checkpoint: str, out: str, fmt: str = "mae", heads: int | None = None
-                      ) -> dict[str, np.ndarray]:
+def export_checkpoint(checkpoint: str, out: str, fmt: str = "mae", heads: int | None = None,
+                      overwrite: bool = False) -> dict[str, np.ndarray]:
     """Writes the torch keys of an import directory (or a .pth) as safetensors; returns the tensors.
 
-    `heads` only matters for a .pth source: it is recorded in the file's metadata.
+    `heads` only matters for a .pth source: it is recorded in the file's metadata. An existing `out` is
+    replaced only with `overwrite`; the file is written under a temporary name and renamed when complete, so
+    a failed write (a full disk) never leaves a truncated file under the final name.
     """
-    params, config, _ = torch_mae.load_pretrained(checkpoint, heads=heads)
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a folder; name the .safetensors file to write")
+    if os.path.lexists(out) and not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    params, config, _ = _load(checkpoint, heads=heads)
     tensors = torch_mae.flax_to_torch(params, config, fmt)
     metadata = {"format": fmt, "model_config": json.dumps(dataclasses.asdict(config))}
-    torch_pickle.write_safetensors(out, tensors, metadata)
+    temp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp")
+    try:
+        torch_pickle.write_safetensors(temp, tensors, metadata)
+        os.replace(temp, out)
+    except OSError as err:
+        if os.path.exists(temp):
+            os.remove(temp)
+        if err.filename is None:  # a failed write() names no file
+            raise OSError(err.errno, err.strerror, temp) from err
+        raise
     return tensors
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m usf_mae_jax.interop", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parse_and_run(argv: list[str]) -> int:
+    parser = _OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     commands = parser.add_subparsers(dest="command", required=True)
     importer = commands.add_parser("import", help="torch .pth/.pt/.safetensors -> Orbax import directory")
     importer.add_argument("--checkpoint", required=True)
@@ -76,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     exporter.add_argument("--out", required=True)
     exporter.add_argument("--format", choices=torch_mae.EXPORT_FORMATS, default="mae")
     exporter.add_argument("--heads", type=int, default=None, help="encoder heads of a .pth source")
+    exporter.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    for sub in (importer, exporter):
+        sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback of an error")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -84,10 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         print(torch_mae.format_report(report))
         print(f"wrote {os.path.abspath(args.out)} in {time.perf_counter() - start:.2f} s")
     else:
-        tensors = export_checkpoint(args.checkpoint, args.out, args.format, args.heads)
+        tensors = export_checkpoint(args.checkpoint, args.out, args.format, args.heads, args.overwrite)
         print(f"exported {len(tensors)} tensors in {args.format} format: {', '.join(sorted(tensors)[:6])}, ...")
         print(f"wrote {args.out} in {time.perf_counter() - start:.2f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in ("import", "export")), None)
+    prog = f"{PROG} {command}" if command else PROG
+    return run_cli(lambda: _parse_and_run(argv), prog, verbose=verbose_requested(argv))
 
 
 if __name__ == "__main__":

@@ -419,7 +419,7 @@ def load_pretrained(path: str | os.PathLike, heads: int | None = None, allow_une
                     **overrides) -> tuple[dict, ModelConfig, dict]:
     """(params, config, report) from a `.pth`/`.pt`/`.safetensors` file or an import directory.
 
-    This is what `init_from` calls. `overrides` (e.g. `norm_pix_loss=True`) are ModelConfig fields applied
+    This is what `init` calls. `overrides` (e.g. `norm_pix_loss=True`) are ModelConfig fields applied
     on top of what the checkpoint shows; for an import directory they replace fields of its config.
     """
     path = os.fspath(path)
