@@ -79,7 +79,7 @@ def input_block(**fields) -> ml_collections.ConfigDict:
         "num_threads": 2,  # grain read threads per process
         "prefetch_buffer": 64,
         "device_prefetch": 2,  # global batches already sent to the devices
-        "worker_processes": 0,  # 0 = threads in-process (best on small hosts, jax_stack.md 2b)
+        "worker_processes": 0,  # 0 = threads in-process (best on small hosts, docs/jax_stack.md 2b)
         "max_corrupt_fraction": 0.01,
     })
     block.update(fields)

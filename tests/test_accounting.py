@@ -152,7 +152,7 @@ def test_mmotu_benchmark(tmp_path):
 def test_gist514_benchmark(tmp_path):
     root = write_gist_variant(tmp_path, "roi")
     (root / "images" / "stray.jpg").write_bytes(b"")
-    manifest = convert("gist514", str(tmp_path), str(tmp_path / "out"), variant="roi")
+    manifest = convert("gist514", str(tmp_path), str(tmp_path / "out"), subset="roi")
     assert check_counts(manifest) == {"inputs": 21, "converted": 10, "skipped": 1, "not_converted": 10}
     assert manifest["skipped"] == [{"file": "images/stray.jpg", "reason": "not listed in the COCO files"}]
     assert sorted(manifest["not_converted"]) == ["metadata"]

@@ -195,7 +195,7 @@ def test_gist514_both_variants(tmp_path):
     write_gist_variant(raw, "roi")
     write_gist_variant(raw, "raw")
     out = str(tmp_path / "out")
-    manifests = convert("gist514", str(raw), out, variant="both")
+    manifests = convert("gist514", str(raw), out, subset="both")
     assert set(manifests) == {"roi", "raw"} and manifests["raw"]["config"] == "raw"
     names = sorted(GIST_LABELS)
     for variant in ("roi", "raw"):
@@ -219,9 +219,9 @@ def test_gist514_missing_file_and_unknown_category(tmp_path):
     root = write_gist_variant(tmp_path, "raw")
     os.remove(root / "annotations" / "val_anno_split_3.json")
     with pytest.raises(LayoutError, match=r"expected annotations/val_anno_split_3.json under .*usd514_jpeg_raw/"):
-        convert("gist514", str(tmp_path), str(tmp_path / "out"), variant="raw")
+        convert("gist514", str(tmp_path), str(tmp_path / "out"), subset="raw")
     with pytest.raises(LayoutError, match=r"val_anno_crop_split_0\.json not found"):
-        convert("gist514", str(tmp_path), str(tmp_path / "out"), variant="roi")
+        convert("gist514", str(tmp_path), str(tmp_path / "out"), subset="roi")
     path = root / "annotations" / "train_anno_split_0.json"
     coco = json.loads(path.read_text())
     coco["categories"] = [{"id": 7, "name": "GIST"}, {"id": 3, "name": "schwannoma"}]
@@ -229,7 +229,7 @@ def test_gist514_missing_file_and_unknown_category(tmp_path):
     write_gist_variant(tmp_path / "again", "raw")
     (tmp_path / "again" / "usd514_jpeg_raw" / "annotations" / "train_anno_split_0.json").write_text(json.dumps(coco))
     with pytest.raises(ValueError, match=r"categories \['lmym'\] not found; the file has \['GIST', 'schwannoma'\]"):
-        convert("gist514", str(tmp_path / "again"), str(tmp_path / "out"), variant="raw")
+        convert("gist514", str(tmp_path / "again"), str(tmp_path / "out"), subset="raw")
 
 
 # ---------------------------------------------------------------- generic labelled set

@@ -4,7 +4,7 @@ Converting (the data must be downloaded by hand; each builder's MANUAL_DOWNLOAD_
 
     python -m data_prep busbra   --raw_dir DIR --out_dir OUT      # DIR: the extracted folder or its parent
     python -m data_prep mmotu    --raw_dir DIR --out_dir OUT
-    python -m data_prep gist514  --raw_dir DIR --out_dir OUT [--variant roi|raw|both]
+    python -m data_prep gist514  --raw_dir DIR --out_dir OUT [--subset roi|raw|both]
     python -m data_prep labelled --src DIR_or_CSV --out_dir OUT [--name NAME]
 
 or from Python: `convert("busbra", raw_dir, out_dir)`, which returns the manifest. Records carry the design's

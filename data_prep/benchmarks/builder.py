@@ -87,7 +87,7 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
         return self.CHANNELS
 
     def dataset_name(self) -> str:
-        """The records' `dataset` field: the builder name, with its config for variants (gist514/roi)."""
+        """The records' `dataset` field: the builder name, with its config for subsets (gist514/roi)."""
         return f"{self.name}/{self.builder_config.name}" if self.builder_config else self.name
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -1,7 +1,7 @@
 """Command-line front end of the benchmark converters, wired into `python -m data_prep`.
 
     python -m data_prep busbra|mmotu|gist514 --raw_dir DIR --out_dir OUT [--max_side 512] [--overwrite]
-    python -m data_prep gist514 ... [--variant roi|raw|both]
+    python -m data_prep gist514 ... [--subset roi|raw|both]
     python -m data_prep labelled --src DIR_or_CSV --out_dir OUT [--name NAME] [--val_fraction 0.1]
                                  [--test_fraction 0.2] [--seed 0]
 
@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
         parser.add_argument("--raw_dir", required=True,
                             help="the manually downloaded, extracted dataset folder, or its parent")
     if benchmark == "gist514":
-        parser.add_argument("--variant", choices=["roi", "raw", "both"], default="both",
-                            help="roi: lesion crops (the usual variant); raw: full frames; both (default): "
-                                 "every variant found under --raw_dir")
+        parser.add_argument("--subset", choices=["roi", "raw", "both"], default="both",
+                            help="roi: lesion crops (the usual subset); raw: full frames; both (default): "
+                                 "every subset found under --raw_dir")
     parser.add_argument("--out_dir", required=True, help="output root; TFDS writes <name>/[<config>/]<version>/")
     parser.add_argument("--max_side", type=arguments.non_negative_int, default=builder.DEFAULT_MAX_SIDE,
                         help="cap on the longest image side in pixels (0: keep the original size)")
@@ -66,9 +66,9 @@ def run(args: argparse.Namespace, benchmark: str) -> int:
                        seed=args.seed)
     else:
         raw_dir = args.raw_dir
-    result = convert(benchmark, raw_dir, args.out_dir, variant=getattr(args, "variant", None),
+    result = convert(benchmark, raw_dir, args.out_dir, subset=getattr(args, "subset", None),
                      max_side=args.max_side or None, overwrite=args.overwrite, **options)
-    manifests = result.values() if benchmark == "gist514" and args.variant == "both" else [result]
+    manifests = result.values() if benchmark == "gist514" and args.subset == "both" else [result]
     for manifest in manifests:
         print(_summary(manifest))
     return 0

@@ -1,7 +1,7 @@
 """GIST514-DB: endoscopic ultrasound, GIST vs leiomyoma, with the five official COCO split files.
 
 Layout and facts from `docs/benchmarks.md` (the dataset's own COCO files):
-  * two variants, builder configs `roi` (lesion crops, `usd514_jpeg_roi`, files `*_anno_crop_split_{k}.json`)
+  * two subsets, builder configs `roi` (lesion crops, `usd514_jpeg_roi`, files `*_anno_crop_split_{k}.json`)
     and `raw` (full frames, `usd514_jpeg_raw`, files `*_anno_split_{k}.json`);
   * the categories are looked up by *name* in each file's `categories` (`lmym` = 0, `GIST` = 1, the
     positive class), never by a hard-coded id; an image's label is the category of its annotations;
@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from data_prep.benchmarks import builder, common
 from usf_mae_jax.cli import ConfigError, DataError
 
-VARIANTS = {"roi": ("usd514_jpeg_roi", "anno_crop_split"), "raw": ("usd514_jpeg_raw", "anno_split")}
+SUBSETS = {"roi": ("usd514_jpeg_roi", "anno_crop_split"), "raw": ("usd514_jpeg_raw", "anno_split")}
 CLASS_NAMES = ("lmym", "GIST")
 NUM_SPLITS = 5
 DOCUMENTED = {"images": 514, "lmym": 251, "GIST": 263}
@@ -33,8 +33,8 @@ VALIDATION_FRACTION = 0.05  # UltraSam's setup: 5% of the training part (docs/be
 VALIDATION_SEED = 0
 
 
-def layout(variant: str) -> str:
-    folder, stem = VARIANTS[variant]
+def layout(subset: str) -> str:
+    folder, stem = SUBSETS[subset]
     return (f"{folder}/\n  images/        *.jpg\n  annotations/   train_{stem}_{{0..4}}.json, "
             f"val_{stem}_{{0..4}}.json   (COCO: images, annotations, categories)")
 
@@ -72,11 +72,11 @@ def read_coco(path: str) -> dict[str, int]:
     return result
 
 
-def parse(raw_dir: str, variant: str) -> common.Plan:
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown GIST514-DB variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    folder, stem = VARIANTS[variant]
-    text = layout(variant)
+def parse(raw_dir: str, subset: str) -> common.Plan:
+    if subset not in SUBSETS:
+        raise ConfigError(f"unknown GIST514-DB subset {subset!r}; choose one of {sorted(SUBSETS)}")
+    folder, stem = SUBSETS[subset]
+    text = layout(subset)
     root = common.find_root(raw_dir, f"annotations/val_{stem}_0.json", folder, text)
     images_dir = common.require(root, "images", text)
     plan = common.Plan(root=root, class_names=list(CLASS_NAMES), items=[], folds={}, default_fold="0",
@@ -130,7 +130,7 @@ class Gist514(builder.BenchmarkBuilder):
 
     name = "gist514"
     BUILDER_CONFIGS: ClassVar[list] = [
-        tfds.core.BuilderConfig(name="roi", description="lesion-ROI crops (usd514_jpeg_roi), the usual variant"),
+        tfds.core.BuilderConfig(name="roi", description="lesion-ROI crops (usd514_jpeg_roi), the usual subset"),
         tfds.core.BuilderConfig(name="raw", description="full frames (usd514_jpeg_raw)"),
     ]
     CLASS_NAMES = CLASS_NAMES
@@ -144,7 +144,7 @@ class Gist514(builder.BenchmarkBuilder):
   journal={Computers in Biology and Medicine}, year={2022}}"""
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""Download the GIST514-DB folders (Google Drive link in the Query2 paper;
 CC BY-NC-SA 4.0), extract them and pass the folder that holds them (or one of them) as --raw_dir. Expected
-layout for each variant:
+layout for each subset:
 {layout("roi")}
 {layout("raw")}"""
 

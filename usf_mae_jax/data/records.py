@@ -22,7 +22,7 @@ Layout of format version 1 (all integers little-endian)::
     9+N     rest  the image as PNG bytes: uint8, 8 bits per sample, grayscale or RGB (never palette or alpha)
 
 Grayscale stays one channel on disk and after `decode` (shape (H, W, 1)); replicating it to three channels is
-the device's job when the model has `in_chans=3` (DESIGN.md, "Batches"). Colour images decode as RGB
+the device's job when the model has `in_chans=3` (docs/design.md, "Batches"). Colour images decode as RGB
 (H, W, 3). `decode_header` reads the metadata without touching the pixels, which is what the corrupt-record
 log and the dataset statistics need; `image_bytes` returns the PNG payload alone.
 

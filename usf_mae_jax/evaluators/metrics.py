@@ -1,7 +1,7 @@
 """Classification metrics of the downstream evaluation, their report files and the cross-validation table.
 
 Every number comes from scikit-learn, so that our figures are comparable with the papers that report
-USF-MAE and its baselines (issue 5, "Metrics"). The entry points are:
+USF-MAE and its baselines. The entry points are:
 
     results = classification_results(y_true, y_prob, class_names, split="fold1/test")
     write_results(workdir, results)                  # W/results.json and W/confusion_matrix.png

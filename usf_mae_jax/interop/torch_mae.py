@@ -1,6 +1,6 @@
 """Reference MAE / USF-MAE PyTorch checkpoints <-> our Flax parameters.
 
-The key table is `shared/reference/mae_fidelity.md` ("Reference checkpoint keys"). Our parameter paths
+The key table is docs/mae_fidelity.md ("Reference checkpoint keys"). Our parameter paths
 mirror the torch keys (`blocks.3.attn.qkv.weight` <-> `blocks_3/attn/qkv/kernel`), so the conversion is:
   * Linear `weight` (out, in) -> `kernel` (in, out) = W.T. The fused qkv needs no split: its rows are
     [q | k | v], each head-major, and our attention reshapes the (D, 3D) kernel output exactly so;

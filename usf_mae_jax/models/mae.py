@@ -1,7 +1,7 @@
 """The masked autoencoder: random masking, encoder on visible tokens, decoder, and the masked-patch loss.
 
 This computes the same function as the reference `MaskedAutoencoderViT` (facebookresearch/mae `models_mae.py`,
-described in `shared/reference/mae_fidelity.md`). Given converted weights, the same images and the same
+described in docs/mae_fidelity.md). Given converted weights, the same images and the same
 masking noise, loss, pred and mask match the PyTorch model to float32 precision (tests/test_torch_parity.py).
 
 Public API (also what `usf_mae_jax.interop.torch_mae.load_torch_mae` returns):

@@ -5,7 +5,7 @@ pass, so they never enter the parameter tree, the optimizer or the weight decay.
 encoder table into a learned parameter (initialised from this one), as the reference fine-tune code does.
 
 Reference behaviour reproduced (facebookresearch/mae `util/pos_embed.py`, described in
-`shared/reference/mae_fidelity.md`):
+docs/mae_fidelity.md):
   * the grid is `meshgrid(grid_w, grid_h)`, so channel block 0 embeds the column (x) coordinate and block 1
     the row (y) coordinate;
   * each 1-D half is `[sin(pos * w), cos(pos * w)]` with `w_k = 1 / 10000 ** (k / (D / 4))`;

@@ -1,6 +1,6 @@
 """ViT building blocks in Flax NNX, numerically equal to the reference MAE / timm ViT.
 
-Parameter paths mirror the reference PyTorch keys (`shared/reference/mae_fidelity.md`), so that converting a
+Parameter paths mirror the reference PyTorch keys (docs/mae_fidelity.md), so that converting a
 checkpoint is a table of transposes:
 
     patch_embed/proj/{kernel (p, p, C, D), bias}
@@ -153,7 +153,7 @@ def normalize_images(images: jax.Array, in_chans: int = 3) -> jax.Array:
     """uint8 (or [0, 1] float) NHWC images -> ImageNet-normalised float32, channels replicated if needed.
 
     Runs on the device inside the jitted step, so the host ships uint8 and a grayscale image crosses the bus
-    once, not three times (DESIGN.md, "Batches").
+    once, not three times (docs/design.md, "Batches").
     """
     x = images.astype(jnp.float32)
     if images.dtype == jnp.uint8:
