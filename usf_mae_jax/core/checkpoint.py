@@ -132,7 +132,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: bytes | None, loop_record: dict,
              best: Any | None = None) -> None:
         """Starts an asynchronous save of step `step`; a failure is raised as CheckpointSaveError."""
-        self.check_for_errors()
+        self._finish_pending()  # orbax allows one save in flight; a failure of it is named with its own step
         items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop_record)}
         if best is not None:
             items["best"] = ocp.args.StandardSave(best)
@@ -142,18 +142,27 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as err:
             raise CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed: "
-                                      f"{_describe_error(err)}") from err
+                                      f"{_describe_error(err)}; the older checkpoints are intact") from err
         self._pending_step = step
 
-    def check_for_errors(self) -> None:
-        """Raises CheckpointSaveError if the last asynchronous save failed (called at every step boundary)."""
+    def _finish_pending(self) -> None:
+        """Waits for the save in flight; raises CheckpointSaveError naming its step if it failed."""
+        if self._pending_step is None:
+            return
+        step, self._pending_step = self._pending_step, None
         try:
-            self.manager.check_for_errors()
+            self.manager.wait_until_finished()
         except Exception as err:
-            step = self._pending_step
-            self._pending_step = None
             raise CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed: "
                                       f"{_describe_error(err)}; the older checkpoints are intact") from err
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointSaveError as soon as the save in flight has failed (called at every step boundary).
+
+        A save that is still being written is left alone, so the check never waits.
+        """
+        if self._pending_step is not None and not self.manager.is_saving_in_progress():
+            self._finish_pending()
 
     def _move_aside(self, step: int, err: BaseException) -> None:
         source = os.path.join(self.directory, str(step))
