@@ -34,3 +34,25 @@ def read_text(path) -> str:
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def read_events(path) -> list:
+    """The `Event` protos of one TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length)
+            f.read(4)
+            event = event_pb2.Event()
+            event.ParseFromString(data)
+            events.append(event)
+    return events
+
+
+def scalar_steps(events, tag: str) -> list[int]:
+    return [e.step for e in events if e.HasField("summary") and any(v.tag == tag for v in e.summary.value)]
