@@ -14,34 +14,36 @@ from conftest import CACHE_DIR, ROOT
 from helpers import read_events, scalar_steps
 from tensorboardX.proto import event_pb2
 
-from usf_mae_jax.core import reporting
+from usf_mae_jax.core import checkpoint, reporting
 
 KILLER = os.path.join(ROOT, "tests", "kill_at_step.py")
 
 
 def test_tensorboard_history_survives_kill_9_and_continues_after_resume(tmp_path):
     workdir = str(tmp_path / "run")
-    args = ["--config=configs/pretrain.py:demo,runlocal", f"--workdir={workdir}", "--config.total_steps=10",
+    args = ["--config=configs/pretrain.py:demo,runlocal", f"--workdir={workdir}", "--config.total_steps=20",
             "--config.ckpt_steps=4", "--config.log_steps=1", "--config.vis_steps=0"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "USF_MAE_HOST_HUGEPAGES": "0"}
-    killed = subprocess.run([sys.executable, KILLER, "7", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    killed = subprocess.run([sys.executable, KILLER, "15", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     files = glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
     assert len(files) == 1 and os.path.getsize(files[0]) > 0
-    # Flushed at every log step: every step whose metrics were fetched before the kill (step 7's are fetched
-    # while step 8 runs, so the history ends at 6).
-    assert scalar_steps(read_events(files[0]), "loss") == list(range(1, 7))
+    # Flushed at every log step: every step whose metrics were fetched before the kill (step 15's are fetched
+    # while step 16 runs, so the history ends at 14).
+    assert scalar_steps(read_events(files[0]), "loss") == list(range(1, 15))
+    resume = checkpoint.workdir_steps(workdir)[-1]  # 12, or 8 when the kill caught step 12's save in flight
+    assert resume in (8, 12)
 
     rerun = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
-    assert rerun.returncode == 0 and "resumed from step 4" in rerun.stderr, rerun.stderr[-2000:]
+    assert rerun.returncode == 0 and f"resumed from step {resume}" in rerun.stderr, rerun.stderr[-2000:]
     second = [f for f in glob.glob(os.path.join(workdir, "tensorboard", "events.*")) if f != files[0]]
     events = read_events(second[0])
     start = event_pb2.SessionLog.START
     starts = [e.step for e in events if e.HasField("session_log") and e.session_log.status == start]
-    # TensorBoard drops the killed run's steps from 5 on (purge step 5) and shows 1..4, then 5..10: one line.
-    assert starts == [5] and scalar_steps(events, "loss") == list(range(5, 11))
+    # TensorBoard drops the killed run's steps after the checkpoint (the purge step) and shows one line.
+    assert starts == [resume + 1] and scalar_steps(events, "loss") == list(range(resume + 1, 21))
 
 
 def test_log_records_go_through_the_progress_bar_once(capsys):
