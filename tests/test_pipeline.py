@@ -205,7 +205,7 @@ def test_missing_or_unfinished_data_dirs_are_clear_errors(tmp_path):
         pipeline.find_datasets(str(tmp_path / "half"))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         pipeline.find_datasets(str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="data_dirs is empty"):
+    with pytest.raises(ValueError, match=r"input\.data_dir is empty"):
         pipeline.find_datasets(" , ")
 
 

@@ -255,13 +255,13 @@ def workdir_steps(workdir: str) -> list[int]:
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
     """A manager that only reads: no folder created, no temporary cleaned, nothing locked or written."""
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
-                                           enable_async_checkpointing=False, save_root_metadata=False)
     handlers = {**_handlers(), "state": ocp.PyTreeCheckpointHandler(), "best": ocp.PyTreeCheckpointHandler()}
     absl_log = logging.getLogger("absl")
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)  # orbax warns that a read-only manager will not save; that is the point
     try:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                               enable_async_checkpointing=False, save_root_metadata=False)
         return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
                                      item_handlers=handlers)
     finally:

@@ -9,7 +9,7 @@ The training loop sees one interface, `GlobalBatchIterator`:
 
 What happens on each host, in order (`build_host_dataset`):
 
-1. **Reading.** `input.data_dirs` names dataset folders written by `data_prep` (or roots holding several);
+1. **Reading.** `input.data_dir` names dataset folders written by `data_prep` (or roots holding several);
    only finished folders (with `manifest.json`) are read, each through one `ArrayRecordDataSource` over its
    `train` shards. `input.source='synthetic'` uses in-memory synthetic images through the same path.
 2. **Order and mixing** (`MixtureSource`). Each dataset is cut per process (`process_index::process_count`,
@@ -53,10 +53,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from usf_mae_jax.cli import DataError
 from usf_mae_jax.core import sharding
-from usf_mae_jax.data import augment, records, synthetic
+from usf_mae_jax.data import augment, folders, records, synthetic
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = folders.MANIFEST_NAME
 MIN_RECORDS_FOR_CORRUPT_CHECK = 100  # do not fail a run on 1 bad record among the first 10
 _LOGGED_CORRUPT_IN_FULL = 20
 
@@ -88,35 +89,20 @@ def _dataset_info(folder: str, split: str) -> DatasetInfo:
                        int(manifest.get("counts", {}).get(split, 0)), dict(manifest.get("channels", {})))
 
 
-def find_datasets(data_dirs: str, split: str = "train") -> list[DatasetInfo]:
-    """Dataset folders named by `data_dirs` (comma-separated folders or roots of folders), in that order.
+def find_datasets(data_dir: str, split: str = "train") -> list[DatasetInfo]:
+    """The datasets named by `input.data_dir` (data/folders.py: folders, a comma list, or roots), in order.
 
-    A folder is a dataset when it holds `manifest.json`; otherwise its sub-folders that do are taken, sorted
-    by name. Datasets without records in `split` are left out with a warning.
+    Datasets without records in `split` are left out with a warning.
     """
-    entries = [d.strip() for d in str(data_dirs).split(",") if d.strip()]
-    if not entries:
-        raise ValueError("input.data_dirs is empty: give dataset folders written by `python -m data_prep`")
     datasets = []
-    for entry in entries:
-        if not os.path.isdir(entry):
-            raise FileNotFoundError(f"input.data_dirs entry {entry!r} is not a directory")
-        if os.path.isfile(os.path.join(entry, MANIFEST_NAME)):
-            folders = [entry]
-        else:
-            folders = sorted(os.path.join(entry, d) for d in os.listdir(entry)
-                             if os.path.isfile(os.path.join(entry, d, MANIFEST_NAME)))
-            if not folders:
-                raise FileNotFoundError(f"{entry}: no finished dataset here (no {MANIFEST_NAME} in it or in its "
-                                        "sub-folders); run `python -m data_prep ...` first")
-        for folder in folders:
-            info = _dataset_info(folder, split)
-            if info.size == 0:
-                log.warning("dataset %s has no %r records; left out", folder, split)
-                continue
-            datasets.append(info)
+    for folder in folders.dataset_folders(data_dir):
+        info = _dataset_info(folder, split)
+        if info.size == 0:
+            log.warning("dataset %s has no %r records; left out", folder, split)
+            continue
+        datasets.append(info)
     if not datasets:
-        raise ValueError(f"no dataset under {entries} has {split!r} records")
+        raise DataError(f"no dataset under {data_dir} has {split!r} records")
     return datasets
 
 

@@ -75,7 +75,10 @@ class PretrainTask(Task):
     def prepare(self, mesh: Mesh, workdir: str) -> None:
         self._mesh, self._workdir = mesh, workdir
         self._examples = pipeline.images_per_epoch(self.config.input)
-        if self.config.get("preset") == "usf_mae" and not self.config.init:
+        self._init_params = None
+        if self.config.init:  # read now, so that a missing or unsafe file fails before anything is written
+            self._init_params, _ = checkpoint.load_params(self.config.init)
+        elif self.config.get("preset") == "usf_mae":
             log.warning("the usf_mae recipe continues from the ImageNet MAE weights, but config.init is not set: "
                         "pretraining starts from random weights. Pass --config.init=mae_pretrain_vit_base_full.pth")
 
@@ -90,10 +93,9 @@ class PretrainTask(Task):
         return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "extra": {}}
 
     def initial_weights(self) -> dict[str, np.ndarray] | None:
-        if not self.config.init:
+        if self._init_params is None:
             return None
-        params, _ = checkpoint.load_params(self.config.init)
-        weights = trees.flatten(params)
+        weights = trees.flatten(self._init_params)
         _, shapes = abstract_mae(self._model_config)
         ours = set(trees.flatten(shapes))
         self.decoder_fresh = not any(n.startswith("decoder_") and n in ours for n in weights)
