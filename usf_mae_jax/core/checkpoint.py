@@ -271,15 +271,26 @@ def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
 def read_workdir_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
     """(params as NumPy, step) from a workdir's checkpoint: the `best` item when present, else the state's.
 
-    Read-only; `step` None takes the newest committed step. Only the params are read (not the optimizer).
+    Read-only; `step` None takes the newest committed step. Only the params are read (not the optimizer). A
+    live run may delete an old step while it is read (keep-N); the newest step is then tried once more.
     """
-    steps = workdir_steps(workdir)
-    if not steps:
-        raise MissingInputError(f"{workdir} is a workdir without any complete checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise MissingInputError(f"{workdir} has no checkpoint of step {step}; it has steps {steps}")
+    for attempt in range(2):
+        steps = workdir_steps(workdir)
+        if not steps:
+            raise MissingInputError(f"{workdir} is a workdir without any complete checkpoint")
+        chosen = steps[-1] if step is None else step
+        if chosen not in steps:
+            raise MissingInputError(f"{workdir} has no checkpoint of step {step}; it has steps {steps}")
+        try:
+            return _read_step_params(workdir, chosen), chosen
+        except CheckpointError:
+            if step is not None or attempt or chosen in workdir_steps(workdir):
+                raise
+            log.info("checkpoint step %d of %s was removed while it was read; reading the newest", chosen, workdir)
+    raise AssertionError("unreachable")
+
+
+def _read_step_params(workdir: str, step: int) -> dict:
     step_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
     item = "best" if os.path.isdir(os.path.join(step_dir, "best")) else "state"
     manager = _read_only_manager(workdir)
@@ -294,7 +305,7 @@ def read_workdir_params(workdir: str, step: int | None = None) -> tuple[dict, in
         raise CheckpointError(f"{workdir}: checkpoint step {step} cannot be read ({_describe_error(err)})") from err
     finally:
         manager.close()
-    return jax.tree.map(np.asarray, restored[item]["params"]), step
+    return jax.tree.map(np.asarray, restored[item]["params"])
 
 
 def load_params(path: str, step: int | None = None) -> tuple[dict, dict | None]:
