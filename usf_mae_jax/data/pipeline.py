@@ -26,13 +26,13 @@ What happens on each host, in order (`build_host_dataset`):
    of the records read, the run stops with an error.
 4. **Batch, prefetch.** Batches of the per-process size with drop-remainder, decoded by a grain thread pool
    (`input.num_threads`) or, with `input.worker_processes > 0`, by worker processes (`mp_prefetch`); on a
-   small host the processes cost more in IPC than they save (jax_stack.md 2b), on a big one they scale.
+   small host the processes cost more in IPC than they save (docs/jax_stack.md 2b), on a big one they scale.
 5. **Global arrays.** `GlobalBatchIterator` turns each host batch into a global `jax.Array` with
    `make_array_from_process_local_data` and keeps `input.device_prefetch` batches in flight.
 
 Host batches stay uint8 at the model's size, 1 channel for grayscale data (3 when any dataset is colour, or
 as `input.channels` says); float conversion, normalisation and channel replication happen on the device
-inside the jitted step (DESIGN.md, "Batches").
+inside the jitted step (docs/design.md, "Batches").
 """
 
 from __future__ import annotations
