@@ -141,9 +141,12 @@ class Checkpointer:
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as err:
-            raise CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed: "
-                                      f"{_describe_error(err)}; the older checkpoints are intact") from err
+            raise self._save_failed(step, err) from err
         self._pending_step = step
+
+    def _save_failed(self, step: int | None, err: BaseException) -> CheckpointSaveError:
+        return CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed: "
+                                   f"{_describe_error(err)}; the older checkpoints are intact")
 
     def _finish_pending(self) -> None:
         """Waits for the save in flight; raises CheckpointSaveError naming its step if it failed."""
@@ -153,8 +156,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as err:
-            raise CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed: "
-                                      f"{_describe_error(err)}; the older checkpoints are intact") from err
+            raise self._save_failed(step, err) from err
 
     def check_for_errors(self) -> None:
         """Raises CheckpointSaveError as soon as the save in flight has failed (called at every step boundary).
@@ -208,11 +210,8 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-        except Exception as err:
-            raise CheckpointSaveError(f"saving the checkpoint of step {self._pending_step} in {self.directory} "
-                                      f"failed: {_describe_error(err)}; the older checkpoints are intact") from err
+        """Blocks until the save in flight is written; raises CheckpointSaveError if it failed."""
+        self._finish_pending()
 
     def close(self) -> None:
         try:
