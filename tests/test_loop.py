@@ -66,6 +66,11 @@ def test_resume_after_a_crash_is_exact(reference, tmp_path):
     assert_trees_equal(resumed["state"]["extra"], uninterrupted["state"]["extra"])
     np.testing.assert_array_equal(resumed["losses"], uninterrupted["losses"][8:])
     assert resumed["results"] == uninterrupted["results"]  # the best (step 8) survived in the checkpoint
+    # evals.jsonl holds each evaluation once, as the checkpoint's record says, even after the crash.
+    with open(os.path.join(workdir, "evals.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert lines == read_json(os.path.join(workdir, "history.json"))["evaluations"]
+    assert [e["step"] for e in lines] == [4, 8, 12]
 
 
 def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference, tmp_path, monkeypatch):

@@ -16,6 +16,9 @@ Order of work, so that every configuration error surfaces before anything is com
      `ckpt_every` steps, at the end, and at the first step boundary after SIGTERM or a preemption notice;
   6. the task's test runs once, on the best (or final) state, into `results.json` and `history.json`.
 
+Every evaluation is also a line of `evals.jsonl` (rewritten from the checkpoint's record on resume, so a
+killed run's later evaluations never appear twice) and an `eval/...` TensorBoard scalar.
+
 Randomness: the step key is `fold_in(key(seed), step)` with the step read from the state (docs/design.md,
 "Randomness"); tasks fold in their own streams. A resumed run therefore draws exactly the masks, drop paths and
 batches of an uninterrupted one.
@@ -48,7 +51,7 @@ from usf_mae_jax.trainers.task import Task
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE, HISTORY_FILE, CONFIG_FILE = "results.json", "history.json", "config.json"
+RESULTS_FILE, HISTORY_FILE, CONFIG_FILE, EVALS_FILE = "results.json", "history.json", "config.json", "evals.jsonl"
 
 
 class TrainingDivergedError(UserError, FloatingPointError):
@@ -295,6 +298,10 @@ def _train(config: Any, workdir: str, task: Task, setup: Setup, ckpt: checkpoint
         if weights:
             state = load_initial_weights(state, setup, dict(weights), str(config.get("init")))
     writer = reporting.MetricWriter(workdir, resume_step=start_step or None)
+    evals_path = os.path.join(workdir, EVALS_FILE)
+    if jax.process_index() == 0 and (record["evaluations"] or os.path.exists(evals_path)):
+        # The checkpoint's record is the truth: a killed run may have appended evaluations after it.
+        files.write_text(evals_path, "".join(json.dumps(files.json_safe(e)) + "\n" for e in record["evaluations"]))
     progress = reporting.Progress(start_step, plan.total_steps)
     losses: list[float] = []
     window: list[float] = []
@@ -324,6 +331,9 @@ def _train(config: Any, workdir: str, task: Task, setup: Setup, ckpt: checkpoint
         if not metrics:
             return
         record["evaluations"].append({"step": step_done, **metrics})
+        if jax.process_index() == 0:
+            with open(evals_path, "a") as f:
+                f.write(json.dumps(files.json_safe(record["evaluations"][-1])) + "\n")
         writer.scalars(step_done, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
         if selecting:
             value = float(metrics[task.select_metric])
