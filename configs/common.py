@@ -70,14 +70,14 @@ def input_block(**fields) -> ml_collections.ConfigDict:
     """The `input` sub-config read by usf_mae_jax/data/pipeline.py."""
     block = ml_collections.ConfigDict({
         "source": "synthetic",  # synthetic (in memory) | shards (ArrayRecord folders from data_prep)
-        "data_dirs": "",  # comma-separated dataset folders, or roots holding dataset folders
+        "data_dir": "",  # a dataset folder, a comma list of them, or a root holding dataset folders
         "weights": "",  # comma-separated per-dataset mixture weights; '' = proportional to size
         "augment": "usf_mae",  # usf_mae | mae | eval | none
         "channels": 0,  # host image channels: 0 = auto (3 if any dataset is colour, else 1), or force 1 / 3
         "synthetic_count": 1024,
         "synthetic_seed": 0,
-        "num_threads": 2,  # grain read threads per process
-        "prefetch_buffer": 64,
+        "num_threads": 0,  # threads building batches per process; 0 = one per core (docs/data_pipeline.md)
+        "prefetch_buffer": 0,  # host batches built ahead; 0 = two per thread
         "device_prefetch": 2,  # global batches already sent to the devices
         "worker_processes": 0,  # 0 = threads in-process (best on small hosts, jax_stack.md 2b)
         "max_corrupt_fraction": 0.01,

@@ -24,7 +24,7 @@ def test_pretraining_runs_from_synthetic_shards_and_resumes(tmp_path):
         c = pretrain_configs.get_config("demo")
         c.unlock()
         c.input.source = "shards"
-        c.input.data_dirs = str(data)
+        c.input.data_dir = str(data)
         c.input.augment = "usf_mae"
         c.model.variant, c.model.img_size, c.model.patch_size = "mu", 32, 8
         c.batch_size = 4
@@ -39,6 +39,6 @@ def test_pretraining_runs_from_synthetic_shards_and_resumes(tmp_path):
     assert len(first["losses"]) == 3 and all(np.isfinite(loss) for loss in first["losses"])
     saved = sorted((Path(workdir) / "checkpoints").glob("*/data_iter/process_0-of-1.json"))
     assert saved, "the iterator state is saved next to the train state"
-    assert json.loads(saved[-1].read_text())["pipeline"]["data_dirs"] == str(data)
+    assert json.loads(saved[-1].read_text())["pipeline"]["data_dir"] == str(data)
     resumed = pretrain.train(config(5), workdir)
     assert resumed["start_step"] == 3 and resumed["final_step"] == 5
