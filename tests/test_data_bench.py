@@ -35,7 +35,7 @@ def test_existing_shards_against_the_pil_loader(tmp_path, capsys):
 
 def test_generated_sources_with_stages(tmp_path, capsys):
     args = ["--source_size", "40x30", "--count", "8", "--work_dir", str(tmp_path), "--batch_size", "4",
-            "--rounds", "1", "--batches", "2", "--pil_batches", "1", "--threads", "1", "--stages"]
+            "--rounds", "1", "--batches", "2", "--pil_batches", "1", "--threads", "1", "--stages", "--codecs"]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     sources = sorted((tmp_path / "sources").glob("*/*.png"))
@@ -43,6 +43,9 @@ def test_generated_sources_with_stages(tmp_path, capsys):
     assert (tmp_path / "shards" / "speckle_40x30_8_v1" / "frames" / "manifest.json").is_file()
     for stage in ("read record", "decode", "rotation", "crop + bilinear resize", "host-to-device (CPU device)"):
         assert re.search(rf"\[40x30\]   {re.escape(stage)} +[\d.]+ +[\d.]+\n", out)
+    stored = re.search(r"\[40x30\]   nearest224 raw \(stored variant\) +([\d.]+) KB +[\d.]+ us", out)
+    assert stored and 50.1 <= float(stored[1]) < 51  # 224 * 224 bytes and ArrayRecord's framing
+    assert re.search(r"\[40x30\]   original 40x30 raw, gather +1\.\d KB", out)
     assert "[40x30] ratio grain / pil" in out and out.strip().splitlines()[-1].startswith("images_per_s=")
     assert bench.main(args) == 0  # cached: nothing generated or converted again
     assert "writing" not in capsys.readouterr().out

@@ -3,6 +3,7 @@
     python -m usf_mae_jax.data.bench                      # 256x256 and 640x480 sources, usf_mae, batch 64
     python -m usf_mae_jax.data.bench --busy 1             # the same with one CPU-bound process beside it
     python -m usf_mae_jax.data.bench --stages             # also the per-stage CPU time per image
+    python -m usf_mae_jax.data.bench --codecs             # also the ways to store the usf_mae input
     python -m usf_mae_jax.data.bench --data_dir DIR       # existing shards instead of generated ones
 
 Sources. For each `--source_size WxH`, `--count` synthetic speckle frames of that size (data/synthetic.py)
@@ -22,19 +23,22 @@ Loaders, timed in alternating rounds so that drift in the machine's load hits bo
 
 Reported per source size: the median images/s of each loader, per core (wall / cores) and per CPU-second
 (process CPU time over all threads; fairer on a shared machine), and the median over rounds of the
-per-round ratio grain / pil. Every line carries the load average. The last line is always
-`images_per_s=<grain median of the last source size>`.
+per-round ratio grain / pil. Every line carries the load average, and the header and each summary the cores
+actually free at that moment (`free_cores`): on a shared machine the load average lags and says nothing
+about who else runs now. The last line is always `images_per_s=<grain median of the last source size>`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -54,6 +58,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def free_cores() -> float:
+    """How many cores this process gets right now: the speed-up of one thread per core over one thread on
+    work that releases the GIL (SHA-256 of 4 MB blocks). The load average lags; this is the state now."""
+    cores = len(os.sched_getaffinity(0))
+    block = os.urandom(4 << 20)
+
+    def work():
+        for _ in range(8):
+            hashlib.sha256(block).digest()
+
+    start = time.perf_counter()
+    work()
+    one = time.perf_counter() - start
+    threads = [threading.Thread(target=work) for _ in range(cores)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return cores * one / (time.perf_counter() - start)
+
+
+def _state() -> str:
+    return f"{_load()}; free cores now {free_cores():.2f} of {len(os.sched_getaffinity(0))}"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -212,7 +242,7 @@ def measure(args: argparse.Namespace, label: str, data_dir: str, open_image, cou
     threads = pipeline.host_threads(_input_config(args, data_dir))
     mode = f"{args.workers} worker processes" if args.workers else f"{threads} threads"
     print(f"[{label}] grain ({mode}): {grain:.1f} images/s, {grain / cores:.1f} per core ({cores} cores), "
-          f"{grain_cpu:.1f} per CPU-second; {_load()}")
+          f"{grain_cpu:.1f} per CPU-second; {_state()}")
     if pil_runs:
         pil = statistics.median(r["images_per_s"] for r in pil_runs)
         print(f"[{label}] pil (authors' loader, 1 process): {pil:.1f} images/s, "
@@ -247,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", choices=("pil", "none"), default="pil")
     parser.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside the benchmark")
     parser.add_argument("--stages", action="store_true", help="print the CPU time per image of every stage")
+    parser.add_argument("--codecs", action="store_true",
+                        help="print the storage options for the usf_mae input (generated sources only)")
     args = parser.parse_args(argv)
     if args.workers > 0:
         from absl import flags
@@ -259,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     for spinner in spinners:
         spinner.start()
     try:
-        print(f"host: {len(os.sched_getaffinity(0))} cores; {_load()}; busy={args.busy}; augment={args.augment} "
+        print(f"host: {len(os.sched_getaffinity(0))} cores; {_state()}; busy={args.busy}; augment={args.augment} "
               f"img_size={args.img_size} batch={args.batch_size} rounds={args.rounds}", flush=True)
         if args.data_dir:
             jobs = [(args.data_dir, args.data_dir, *(_record_opener(args.data_dir) if args.baseline == "pil"
@@ -272,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir, paths = prepare(args.work_dir, (width, height), args.count)
                 opener = (lambda i, paths=paths: Image.open(paths[i])) if args.baseline == "pil" else None
                 jobs.append((f"{width}x{height}", data_dir, opener, len(paths)))
+                if args.codecs:
+                    stages.report_storage(f"{width}x{height}", paths, args.img_size)
         result = math.nan
         for label, data_dir, opener, count in jobs:
             if args.stages:

@@ -11,15 +11,23 @@ The rest of the recipe (rotation, flips, crop box, bilinear crop) runs on the sa
 do the copy into the batch and the host-to-device copy. The last row is the whole pipeline in one thread
 (`pipeline.build_host_dataset`, CPU time per image), so what the stages leave out (mixing, generators,
 grain) shows as the difference.
+
+`storage_options(paths, size)` (`--codecs`) is the measurement behind the stored variant
+(docs/data_pipeline.md): for original frames, the bytes per record and the CPU time to get the nearest
+`size` resize out of an ArrayRecord shard, for each way of storing what the recipe needs.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable
 
+import cv2
 import jax
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from ml_collections import ConfigDict
 
 from usf_mae_jax.data import augment, pipeline, records, shards
@@ -106,3 +114,54 @@ def report(label: str, data_dir: str, preset: str, size: int, batch_size: int) -
     print(f"[{label}]   {'sum of the stages':32s} {total['frames']:9.1f} {total['nearest']:9.1f}")
     print(f"[{label}]   {'whole pipeline, ' + preset + ', 1 thread':32s} {'':9s} "
           f"{_pipeline_us(data_dir, preset, size, batch_size):9.1f}")
+
+
+def _gather_nearest(payload: bytes, height: int, width: int, size: int) -> np.ndarray:
+    """The nearest `size` resize of a raw (height, width) frame by indexing only the pixels it keeps."""
+    rows = ((np.arange(size) + 0.5) * height / size).astype(np.int64)
+    cols = ((np.arange(size) + 0.5) * width / size).astype(np.int64)
+    return np.frombuffer(payload, np.uint8).reshape(height, width)[rows][:, cols]
+
+
+def storage_options(paths: list[str], size: int) -> list[tuple[str, float, float]]:
+    """[(option, KB per record, CPU us to read the record and get the nearest resize)] for grayscale files."""
+    originals = [cv2.imread(p, cv2.IMREAD_GRAYSCALE) for p in paths[:_SAMPLES]]
+    height, width = originals[0].shape
+    nearest = [augment.resize_nearest(o[:, :, None], size)[:, :, 0] for o in originals]
+    png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+
+    def png_decode(b: bytes) -> np.ndarray:
+        return cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE)
+
+    options = [
+        (f"nearest{size} raw (stored variant)", [n.tobytes() for n in nearest], "uncompressed",
+         lambda b: np.frombuffer(b, np.uint8).reshape(size, size)),
+        (f"nearest{size} raw, ArrayRecord zstd:1", [n.tobytes() for n in nearest], "zstd:1",
+         lambda b: np.frombuffer(b, np.uint8).reshape(size, size)),
+        (f"nearest{size} PNG", [cv2.imencode(".png", n, png)[1].tobytes() for n in nearest], "uncompressed",
+         png_decode),
+        (f"original {width}x{height} raw, gather", [o.tobytes() for o in originals], "uncompressed",
+         lambda b: _gather_nearest(b, height, width, size)),
+        (f"original {width}x{height} PNG, decode + resize", [cv2.imencode(".png", o, png)[1].tobytes()
+                                                            for o in originals], "uncompressed",
+         lambda b: augment.resize_nearest(png_decode(b)[:, :, None], size)),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index, (name, payloads, compression, get) in enumerate(options):
+            path = os.path.join(folder, f"{index}.array_record")
+            out = ArrayRecordWriter(path, f"group_size:1,{compression}")
+            for payload in payloads:
+                out.write(payload)
+            out.close()
+            reader = shards.RecordReader([path])
+            rows.append((name, os.path.getsize(path) / len(payloads) / 1e3,
+                         _cpu_us(lambda i, r=reader, g=get: g(r[i]), len(payloads))))
+    return rows
+
+
+def report_storage(label: str, paths: list[str], size: int) -> None:
+    print(f"[{label}] storing what usf_mae needs: KB per record, CPU microseconds to read it and get the nearest "
+          f"{size} frame")
+    for name, kilobytes, micros in storage_options(paths, size):
+        print(f"[{label}]   {name:44s} {kilobytes:8.1f} KB {micros:9.1f} us")
