@@ -124,7 +124,8 @@ def _gather_nearest(payload: bytes, height: int, width: int, size: int) -> np.nd
 
 
 def storage_options(paths: list[str], size: int) -> list[tuple[str, float, float]]:
-    """[(option, KB per record, CPU us to read the record and get the nearest resize)] for grayscale files."""
+    """[(option, KB per record (payload), CPU us to read it from a shard and get the nearest resize)] for
+    grayscale files."""
     originals = [cv2.imread(p, cv2.IMREAD_GRAYSCALE) for p in paths[:_SAMPLES]]
     height, width = originals[0].shape
     nearest = [augment.resize_nearest(o[:, :, None], size)[:, :, 0] for o in originals]
@@ -155,7 +156,7 @@ def storage_options(paths: list[str], size: int) -> list[tuple[str, float, float
                 out.write(payload)
             out.close()
             reader = shards.RecordReader([path])
-            rows.append((name, os.path.getsize(path) / len(payloads) / 1e3,
+            rows.append((name, sum(len(p) for p in payloads) / len(payloads) / 1e3,
                          _cpu_us(lambda i, r=reader, g=get: g(r[i]), len(payloads))))
     return rows
 
