@@ -27,11 +27,12 @@ What happens on each host, in order (`build_host_dataset`):
    or decoded is counted against `input.max_corrupt_fraction`, logged with its shard file, record index and
    source, and its slot is filled by the next record of the same dataset, so batches stay full and a
    resumed run skips the same records.
-4. **Threads.** Whole batches are built in parallel by a grain thread pool (`input.num_threads`, 0 = one per
-   core) or, with `input.worker_processes > 0`, by worker processes (`mp_prefetch`); on a small host the
-   processes cost more in IPC than they save (docs/jax_stack.md 2b), on a big one they scale. One task per
-   batch keeps the per-image Python work (and so the GIL traffic between threads) small, which is what
-   keeps the pipeline fast when other processes compete for the cores (docs/data_pipeline.md).
+4. **Threads and processes.** Whole batches are built in parallel by a grain thread pool
+   (`input.num_threads`, 0 = one per core) and, with `input.worker_processes > 0`, in that many worker
+   processes (`mp_prefetch`, the cores then shared out among them). One task per batch keeps the per-image
+   Python work, hence the GIL traffic between threads, small, and makes the worker processes' IPC one
+   message per batch (about 15 us of the parent's CPU per image); the GIL still caps one process at roughly
+   10,000-15,000 images/s, which is what the worker processes lift on a big host (docs/data_pipeline.md).
 5. **Global arrays.** `GlobalBatchIterator` turns each host batch into a global `jax.Array` with
    `make_array_from_process_local_data` and keeps `input.device_prefetch` batches in flight.
 
@@ -272,9 +273,12 @@ def local_batch_size(global_batch_size: int) -> int:
 
 
 def host_threads(input_cfg: Any) -> int:
-    """`input.num_threads`, with 0 meaning one thread per core this process may run on."""
+    """`input.num_threads` (per process building batches), with 0 meaning the cores this process may run on,
+    shared out among the worker processes when there are any."""
     threads = int(input_cfg.num_threads)
-    return threads if threads > 0 else len(os.sched_getaffinity(0))
+    if threads > 0:
+        return threads
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(input_cfg.worker_processes)))
 
 
 @functools.lru_cache(maxsize=4)
