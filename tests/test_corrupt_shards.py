@@ -60,8 +60,10 @@ def _take(stream, count):
 def test_a_flipped_byte_is_skipped_and_named(flipped, caplog):
     folder, shard = flipped
     _flip(shard, BAD - PER_SHARD, -10)  # a pixel byte
-    with pytest.raises(shards.UnreadableRecordError, match="chunk data hash mismatch"):
-        shards.RecordReader([shard])[BAD - PER_SHARD]
+    with pytest.raises(shards.UnreadableRecordError, match="chunk data hash mismatch") as info:
+        shards.RecordReader([shard])[BAD - PER_SHARD]  # no aligned shards: the header comes from the chunk
+    assert (info.value.shard, info.value.position, info.value.header["source"]) == (shard, BAD - PER_SHARD,
+                                                                                   f"img{BAD}.png")
     with caplog.at_level(logging.INFO, logger="usf_mae_jax.data.pipeline"):
         batches = _take(pipeline.build_host_dataset(_config(folder), batch_size=20, img_size=SIDE, seed=0), 20)
     assert len(batches) == 20 and all(b.shape == (20, SIDE, SIDE, 1) for b in batches)  # 2 epochs, full batches
@@ -76,6 +78,9 @@ def test_a_flipped_byte_is_skipped_and_named(flipped, caplog):
 def test_header_damage_falls_back_to_the_aligned_frames(flipped, caplog):
     folder, shard = flipped
     _flip(shard, BAD - PER_SHARD, 0)  # the record's magic: its own header is lost
+    with pytest.raises(shards.UnreadableRecordError) as info:
+        shards.RecordReader([shard])[BAD - PER_SHARD]
+    assert info.value.header == {}
     with caplog.at_level(logging.WARNING, logger="usf_mae_jax.data.pipeline"):
         _take(pipeline.build_host_dataset(_config(folder), batch_size=20, img_size=SIDE, seed=0), 10)
     assert f"{shard} record {BAD - PER_SHARD} (flipped/img{BAD}.png)" in caplog.text

@@ -167,6 +167,27 @@ def test_exact_resume_through_orbax(tmp_path):
         np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), expected[step])
 
 
+def test_iterator_states_from_before_batch_elements_resume_at_the_same_batch(tmp_path, caplog):
+    """States saved when grain's elements were records (and the key was data_dirs) count records: 12
+    records of batches of 4 is batch 3."""
+    _dataset(tmp_path, "a", range(23))
+    cfg = _config(tmp_path / "a", augment="usf_mae")
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
+
+    def fresh():
+        return pipeline.make_pretrain_iterator(cfg, global_batch_size=4, img_size=16, seed=5, mesh=mesh)
+
+    reference = fresh()
+    expected = [np.asarray(next(reference)["image"]) for _ in range(5)]
+    old_description = {("data_dirs" if k == "data_dir" else k): v
+                       for k, v in pipeline.describe(cfg, 16, 5).items()}
+    resumed = fresh()
+    with caplog.at_level(logging.WARNING, logger="usf_mae_jax.data.pipeline"):
+        resumed.set_state({"grain": {"next_index": 12}, "pipeline": old_description})
+    assert "different configuration" not in caplog.text
+    np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), expected[3])
+
+
 def _corrupt_some(folder, bad_positions, keep_header):
     """Rewrites the dataset's single shard with the records at `bad_positions` damaged (a readable record whose
     image does not decode, or garbage bytes)."""
