@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import io
 import math
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -117,7 +118,8 @@ def prepare(work_dir: str, size: tuple[int, int], count: int) -> tuple[str, list
     if missing:
         os.makedirs(src, exist_ok=True)
         print(f"[{width}x{height}] writing {len(missing)} synthetic speckle PNGs to {src}", flush=True)
-        with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        # spawn, not fork: this process already runs JAX's and grain's threads.
+        with ProcessPoolExecutor(len(os.sched_getaffinity(0)), mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_write_frame, missing, chunksize=16))
     if not os.path.isfile(os.path.join(out, "frames", pipeline.MANIFEST_NAME)):
         print(f"[{width}x{height}] converting with python -m data_prep folder -> {out}", flush=True)
@@ -284,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
         from absl import flags
 
         flags.FLAGS(sys.argv[:1])  # grain's worker processes read absl flags (docs/jax_stack.md 2b)
-
-    import multiprocessing
 
     spinners = [multiprocessing.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(args.busy)]
     for spinner in spinners:
