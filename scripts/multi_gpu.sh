@@ -13,7 +13,7 @@ DATA=${DATA:-data/openus46}
 WORKDIR=${WORKDIR:-runs/usf_mae_multi_gpu}
 VENV=${VENV:-.venv}
 CMD=("${VENV}/bin/python" launch.py "--config=configs/pretrain.py:${PRESET}" "--workdir=${WORKDIR}"
-     "--config.input.data_dirs=${DATA}" "--config.model.attention=cudnn" "--config.input.num_threads=16" "$@")
+     "--config.input.data_dir=${DATA}" "--config.model.attention=cudnn" "--config.input.num_threads=16" "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${CMD[@]}"
   echo

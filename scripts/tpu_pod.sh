@@ -28,7 +28,7 @@ sudo mkdir -p ${MOUNT} && (mountpoint -q ${MOUNT} || sudo gcsfuse --implicit-dir
 [ -d usf-mae-jax ] || git clone ${REPO_URL} usf-mae-jax
 cd usf-mae-jax
 python3 -m pip install -q -r requirements.txt 'jax[tpu]==0.10.2'
-python3 launch.py --config=configs/pretrain.py:${PRESET} --workdir=${MOUNT}/runs/${RUN} --config.input.data_dirs=${MOUNT}/data/openus46 $*
+python3 launch.py --config=configs/pretrain.py:${PRESET} --workdir=${MOUNT}/runs/${RUN} --config.input.data_dir=${MOUNT}/data/openus46 $*
 CMD
 
 CMD=(gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all --command="${REMOTE}")

@@ -22,7 +22,7 @@ def test_tpu_pod_recipe_runs_launch_on_every_worker():
     assert "gcsfuse --implicit-dirs -o allow_other my-bucket /gcs" in out
     assert "jax[tpu]==0.10.2" in out
     assert ("launch.py --config=configs/pretrain.py:usf_mae --workdir=/gcs/runs/usf_mae_pod "
-            "--config.input.data_dirs=/gcs/data/openus46 --config.batch_size=1024") in out
+            "--config.input.data_dir=/gcs/data/openus46 --config.batch_size=1024") in out
 
 
 def test_tpu_pod_recipe_needs_a_bucket_and_arguments():
@@ -38,5 +38,5 @@ def test_tpu_pod_recipe_needs_a_bucket_and_arguments():
 def test_gpu_recipes(script, launcher):
     out = dry_run(script, "--config.batch_size=512", DATA="/data/shards", WORKDIR="/runs/x")
     assert out.startswith(f"{launcher} launch.py --config=configs/pretrain.py:usf_mae --workdir=/runs/x")
-    assert "--config.input.data_dirs=/data/shards" in out and out.strip().endswith("--config.batch_size=512")
+    assert "--config.input.data_dir=/data/shards" in out and out.strip().endswith("--config.batch_size=512")
     assert "--config.model.attention=cudnn" in out
