@@ -31,8 +31,9 @@ What happens on each host, in order (`build_host_dataset`):
    (`input.num_threads`, 0 = one per core) and, with `input.worker_processes > 0`, in that many worker
    processes (`mp_prefetch`, the cores then shared out among them). One task per batch keeps the per-image
    Python work, hence the GIL traffic between threads, small, and makes the worker processes' IPC one
-   message per batch (about 15 us of the parent's CPU per image); the GIL still caps one process at roughly
-   10,000-15,000 images/s, which is what the worker processes lift on a big host (docs/data_pipeline.md).
+   message per batch (about 15 us of the parent's CPU per image). About 50 us of GIL-held work per image
+   should cap one process near 10,000-20,000 images/s; worker processes lift that on a big host
+   (docs/data_pipeline.md).
 5. **Global arrays.** `GlobalBatchIterator` turns each host batch into a global `jax.Array` with
    `make_array_from_process_local_data` and keeps `input.device_prefetch` batches in flight.
 
@@ -335,9 +336,8 @@ def build_host_dataset(input_cfg: Any, *, batch_size: int, img_size: int, seed: 
     weights = mixture_weights(input_cfg.weights, sizes) if input_cfg.source == "shards" else np.ones(1)
     mixture = MixtureSource(sources, weights, seed, process_index, process_count, names)
     maker = batching.BatchMaker(mixture, batch_size=batch_size, preset=str(input_cfg.augment), size=img_size,
-                                   channels=channels, seed=seed,
-                                   max_corrupt_fraction=float(input_cfg.max_corrupt_fraction),
-                                   with_labels=with_labels)
+                                channels=channels, seed=seed,
+                                max_corrupt_fraction=float(input_cfg.max_corrupt_fraction), with_labels=with_labels)
     threads = host_threads(input_cfg)
     buffer = int(input_cfg.prefetch_buffer) or 2 * threads
     stream = grain.MapDataset.range(sys.maxsize // batch_size).map(maker)
