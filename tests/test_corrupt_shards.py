@@ -13,7 +13,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from ml_collections import ConfigDict
 
 from data_prep import writer
-from usf_mae_jax.data import pipeline, shards
+from usf_mae_jax.data import batching, pipeline, shards
 
 SIDE = 16
 RECORDS, PER_SHARD, BAD = 200, 64, 70  # record 70 is record 6 of the second shard
@@ -127,3 +127,24 @@ def test_an_unreadable_shard_is_a_one_line_error_naming_it(flipped):
     Path(shard).write_bytes(Path(shard).read_bytes()[:100])
     with pytest.raises(ValueError, match=rf"^{shard}: not a readable ArrayRecord shard: [^\n]+$"):
         pipeline.build_host_dataset(_config(folder), batch_size=20, img_size=SIDE, seed=0)
+
+
+def test_the_budget_counts_distinct_records():
+    """A dataset's ranks cover its records once per epoch: two epochs of a 50-record set are 50 records, and
+    a damaged record met in both is one corrupt record; resuming mid-epoch counts from there."""
+    budget = batching.CorruptRecordBudget(0.05, [50, 400])
+    for rank in range(100):  # two epochs of dataset 0, with record "a" damaged in both
+        if rank % 50 == 7:
+            budget.record_corrupt(0, rank, "a", "bad")
+        else:
+            budget.record_ok(0, rank)
+    assert budget.seen == 50 and list(budget.records) == ["a"]
+    for rank in range(300, 360):  # dataset 1 from a resumed position
+        budget.record_ok(1, rank)
+    assert budget.seen == 110
+    budget.record_corrupt(1, 360, "b", "bad")
+    budget.record_corrupt(1, 361, "c", "bad")
+    budget.record_corrupt(1, 362, "d", "bad")  # 4 of 113 distinct records: 3.5 %, still within 5 %
+    with pytest.raises(RuntimeError, match=r"^6 of the 115 records read are corrupt, more than input\.max_corru"):
+        budget.record_corrupt(1, 363, "e", "bad")
+        budget.record_corrupt(1, 364, "f", "bad")

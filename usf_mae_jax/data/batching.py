@@ -52,20 +52,24 @@ class CorruptRecordBudget:
         self._min_seen = min(MIN_RECORDS_FOR_CORRUPT_CHECK, sum(self.sizes))  # a small set is judged whole
         self._lowest: dict[int, int] = {}
         self._highest: dict[int, int] = {}
+        self.seen = 0  # distinct records read, over all datasets
         self.records: dict[str, str] = {}  # description -> reason, each corrupt record once, in order
         self._lock = threading.Lock()
 
-    @property
-    def seen(self) -> int:
-        return sum(min(self._highest[d] - self._lowest[d] + 1, self.sizes[d]) for d in self._highest)
+    def _coverage(self, dataset: int) -> int:
+        if dataset not in self._highest:
+            return 0
+        return min(self._highest[dataset] - self._lowest[dataset] + 1, self.sizes[dataset])
 
     def _read(self, dataset: int, rank: int) -> None:
+        before = self._coverage(dataset)
         if dataset not in self._highest:
             self._lowest[dataset] = self._highest[dataset] = rank
         elif rank > self._highest[dataset]:
             self._highest[dataset] = rank
         elif rank < self._lowest[dataset]:
             self._lowest[dataset] = rank
+        self.seen += self._coverage(dataset) - before
 
     def record_ok(self, dataset: int, rank: int) -> None:
         with self._lock:
