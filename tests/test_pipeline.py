@@ -308,9 +308,9 @@ def test_worker_processes_match_threads(tmp_path):
     assert _values(processes) == _values(threads)
 
 
-def test_thread_defaults_share_the_cores_among_worker_processes(monkeypatch):
+def test_thread_defaults(monkeypatch):
     monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert pipeline.host_threads(_config("", num_threads=0)) == 8
+    assert pipeline.host_threads(_config("", num_threads=0)) == 4  # in-process: half, the GIL is shared
     assert pipeline.host_threads(_config("", num_threads=0, worker_processes=3)) == 2
     assert pipeline.host_threads(_config("", num_threads=0, worker_processes=16)) == 1
     assert pipeline.host_threads(_config("", num_threads=5, worker_processes=3)) == 5

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=40, help="grain batches per round")
     parser.add_argument("--pil_batches", type=int, default=8, help="PIL-loader batches per round")
-    parser.add_argument("--threads", type=int, default=0, help="input.num_threads (0: one per core)")
+    parser.add_argument("--threads", type=int, default=0, help="input.num_threads (0: the pipeline's default)")
     parser.add_argument("--workers", type=int, default=0, help="input.worker_processes; 0 = threads")
     parser.add_argument("--prefetch", type=int, default=0, help="input.prefetch_buffer in batches (0: auto)")
     parser.add_argument("--baseline", choices=("pil", "none"), default="pil")

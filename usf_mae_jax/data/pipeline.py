@@ -28,12 +28,12 @@ What happens on each host, in order (`build_host_dataset`):
    source, and its slot is filled by the next record of the same dataset, so batches stay full and a
    resumed run skips the same records.
 4. **Threads and processes.** Whole batches are built in parallel by a grain thread pool
-   (`input.num_threads`, 0 = one per core) and, with `input.worker_processes > 0`, in that many worker
-   processes (`mp_prefetch`, the cores then shared out among them). One task per batch keeps the per-image
-   Python work, hence the GIL traffic between threads, small, and makes the worker processes' IPC one
-   message per batch (about 15 us of the parent's CPU per image). About 50 us of GIL-held work per image
-   should cap one process near 10,000-20,000 images/s; worker processes lift that on a big host
-   (docs/data_pipeline.md).
+   (`input.num_threads`; 0 = half the cores, see `host_threads`) and, with `input.worker_processes > 0`,
+   in that many worker processes (`mp_prefetch`, the cores then shared out among them). One task per batch
+   keeps the per-image Python work, hence the GIL traffic between threads, small, and makes the worker
+   processes' IPC one message per batch (about 15 us of the parent's CPU per image). About 50 us of
+   GIL-held work per image should cap one process near 10,000-20,000 images/s; worker processes lift that
+   on a big host (docs/data_pipeline.md).
 5. **Global arrays.** `GlobalBatchIterator` turns each host batch into a global `jax.Array` with
    `make_array_from_process_local_data` and keeps `input.device_prefetch` batches in flight.
 
@@ -274,12 +274,19 @@ def local_batch_size(global_batch_size: int) -> int:
 
 
 def host_threads(input_cfg: Any) -> int:
-    """`input.num_threads` (per process building batches), with 0 meaning the cores this process may run on,
-    shared out among the worker processes when there are any."""
+    """`input.num_threads` (per process building batches); 0 picks half the cores this process may run on,
+    or, with worker processes, the cores shared out among them.
+
+    Half, in-process: about half of the per-image work holds the GIL, which the threads share with the
+    training loop, and a thread that finds no free core stalls the others while it holds the GIL; on the
+    2-core VM one thread was never slower than two and up to a third faster when the other core was busy
+    (docs/data_pipeline.md). Worker processes have a GIL each.
+    """
     threads = int(input_cfg.num_threads)
     if threads > 0:
         return threads
-    return max(1, len(os.sched_getaffinity(0)) // max(1, int(input_cfg.worker_processes)))
+    cores, workers = len(os.sched_getaffinity(0)), int(input_cfg.worker_processes)
+    return max(1, cores // workers if workers > 0 else cores // 2)
 
 
 @functools.lru_cache(maxsize=4)
