@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
-from ml_collections import ConfigDict
+from test_pipeline import _config as pipeline_config
 
 from data_prep import writer
 from usf_mae_jax.data import batching, pipeline, shards
@@ -45,11 +45,7 @@ def flipped(tmp_path):
 
 
 def _config(folder, **overrides):
-    cfg = ConfigDict({"source": "shards", "data_dir": str(folder), "weights": "", "augment": "usf_mae",
-                      "synthetic_count": 0, "synthetic_seed": 0, "num_threads": 2, "prefetch_buffer": 4,
-                      "device_prefetch": 2, "worker_processes": 0, "max_corrupt_fraction": 0.01})
-    cfg.update(overrides)
-    return cfg
+    return pipeline_config(folder, **{"augment": "usf_mae", "prefetch_buffer": 4, **overrides})
 
 
 def _take(stream, count):

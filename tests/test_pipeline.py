@@ -136,14 +136,16 @@ def test_colour_datasets_make_three_channel_batches(tmp_path):
     assert gray["image"].shape == (20, SIDE, SIDE, 1)
 
 
-def test_exact_resume_through_orbax(tmp_path):
+def _resumable(tmp_path):
+    """(config, fresh): a 23-record dataset and a function making the same pretraining iterator over it."""
     _dataset(tmp_path, "a", range(23))
     cfg = _config(tmp_path / "a", augment="usf_mae")
     mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
+    return cfg, lambda: pipeline.make_pretrain_iterator(cfg, global_batch_size=4, img_size=16, seed=5, mesh=mesh)
 
-    def fresh():
-        return pipeline.make_pretrain_iterator(cfg, global_batch_size=4, img_size=16, seed=5, mesh=mesh)
 
+def test_exact_resume_through_orbax(tmp_path):
+    _, fresh = _resumable(tmp_path)
     reference = fresh()
     expected = [np.asarray(next(reference)["image"]) for _ in range(9)]
 
@@ -170,13 +172,7 @@ def test_exact_resume_through_orbax(tmp_path):
 def test_iterator_states_from_before_batch_elements_resume_at_the_same_batch(tmp_path, caplog):
     """States saved when grain's elements were records (and the key was data_dirs) count records: 12
     records of batches of 4 is batch 3."""
-    _dataset(tmp_path, "a", range(23))
-    cfg = _config(tmp_path / "a", augment="usf_mae")
-    mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
-
-    def fresh():
-        return pipeline.make_pretrain_iterator(cfg, global_batch_size=4, img_size=16, seed=5, mesh=mesh)
-
+    cfg, fresh = _resumable(tmp_path)
     reference = fresh()
     expected = [np.asarray(next(reference)["image"]) for _ in range(5)]
     old_description = {("data_dirs" if k == "data_dir" else k): v

@@ -9,8 +9,8 @@
 Sources. For each `--source_size WxH`, `--count` synthetic speckle frames of that size (data/synthetic.py)
 are written as PNG files, the authors' input, and converted with `python -m data_prep folder` (default
 settings: frames capped at 512 px, the nearest-224 variant stored). Both are cached under `--work_dir`, so a
-rerun measures at once. The converter runs as a command, as a user would run it: the library does not
-import data_prep.
+rerun measures at once. The converter runs as a command, as a user would run it, since the library never
+imports data_prep.
 
 Loaders, timed in alternating rounds so that drift in the machine's load hits both alike:
 * grain: `pipeline.build_host_dataset` (the trainer's host batches, uint8, before the device copy), a fresh
