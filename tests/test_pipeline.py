@@ -1,6 +1,7 @@
 """Grain pipeline: mixing, epoch shuffles, host sharding, determinism, exact resume through Orbax, corrupt data."""
 
 import logging
+import re
 
 import grain
 import jax
@@ -215,8 +216,11 @@ def test_too_many_corrupt_records_fail_loudly(tmp_path):
     folder = _dataset(tmp_path, "rotten", range(40), per_shard=100)
     _corrupt_some(folder, range(0, 40, 4), keep_header=False)
     stream = pipeline.build_host_dataset(_config(folder), batch_size=10, img_size=SIDE, seed=0)
-    with pytest.raises(RuntimeError, match=r"records read are corrupt, more than input\.max_corrupt_fraction"):
+    with pytest.raises(RuntimeError, match=r"records read are corrupt, more than input\.max_corrupt_fraction") as info:
         _take(stream, 30)
+    # Garbage bytes have no header; the stored nearest variant's record names the source.
+    assert re.search(r"train-00000-of-00001\.array_record record (\d+) \(rotten/img\1\.png\): 7-byte record is",
+                     str(info.value))
 
 
 # (width, height, channels) of real frame sizes: all larger than the converter's default 512-px cap.

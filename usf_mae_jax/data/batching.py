@@ -106,6 +106,7 @@ def _where(reader: Any, index: int, header: dict[str, Any], dataset_name: str) -
     if isinstance(reader, shards.RecordReader):
         shard, position = reader.locate(index)
         place = f"{reader.paths[shard]} record {position}"
+        header = header or reader.aligned_header(index)
     else:
         place = f"{dataset_name} record {index}"
     if not header.get("source"):

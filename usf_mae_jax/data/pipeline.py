@@ -306,7 +306,8 @@ def _shard_readers(datasets: list[DatasetInfo], preset: str, img_size: int) -> l
                         "max_side=%d: frames larger than that reach the model smoother than in the authors' "
                         "recipe. Re-convert with --overwrite for the exact pixels (docs/data_pipeline.md).",
                         info.folder, img_size, preset, info.max_side)
-        paths, aligned = (nearest, info.paths) if nearest else (info.paths, info.nearest.get(img_size, ()))
+        # The other stored variant holds the same records: it names the source of a damaged one.
+        paths, aligned = (nearest, info.paths) if nearest else (info.paths, next(iter(info.nearest.values()), ()))
         reader = shards.RecordReader(paths, aligned=aligned)
         if len(reader) != info.size:
             raise ValueError(f"{info.folder}: manifest counts {info.size} train records, the shards "

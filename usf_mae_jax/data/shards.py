@@ -125,11 +125,15 @@ class RecordReader:
                     return header
             except OSError:
                 pass
-        if self.aligned:
-            try:
-                if self._aligned_reader is None:
-                    self._aligned_reader = RecordReader(self.aligned)
-                return records.decode_header(self._aligned_reader[index])
-            except (ValueError, IndexError, UnreadableRecordError):
-                pass
-        return {}
+        return self.aligned_header(index)
+
+    def aligned_header(self, index: int) -> dict[str, Any]:
+        """The header of record `index` of the aligned shards (the same example), or {} if there is none."""
+        if not self.aligned:
+            return {}
+        try:
+            if self._aligned_reader is None:
+                self._aligned_reader = RecordReader(self.aligned)
+            return records.decode_header(self._aligned_reader[index])
+        except (ValueError, IndexError, UnreadableRecordError):
+            return {}
