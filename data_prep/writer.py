@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from usf_mae_jax.data import augment, records
 
-WRITER_VERSION = "1.0"
+WRITER_VERSION = "1.1"  # 1.1: the nearest-resized variant shards, fingerprints in the workers
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".array_record"
 DEFAULT_RECORDS_PER_SHARD = 1024

@@ -2,6 +2,7 @@
 alternating rounds against the PIL loader, and the machine-parsable last line."""
 
 import argparse
+import json
 import re
 
 import numpy as np
@@ -49,4 +50,11 @@ def test_generated_sources_with_stages(tmp_path, capsys):
     assert re.search(r"\[40x30\]   original 40x30 raw, gather +[\d.]+ KB", out)
     assert "[40x30] ratio grain / pil" in out and out.strip().splitlines()[-1].startswith("images_per_s=")
     assert bench.main(args) == 0  # cached: nothing generated or converted again
-    assert "writing" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "writing" not in out and "converting" not in out
+    manifest_path = tmp_path / "shards" / "speckle_40x30_8_v1" / "frames" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["record_format_version"] = 1  # as an older data_prep wrote it
+    manifest_path.write_text(json.dumps(manifest))
+    assert bench.main(args) == 0
+    assert "[40x30] converting with python -m data_prep folder" in capsys.readouterr().out

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import math
 import multiprocessing
 import os
@@ -108,8 +109,20 @@ def _write_frame(job: tuple[str, int, int, int]) -> None:
     cv2.imwrite(path, synthetic.synthesize((height, width), rng, lesion=lesion))
 
 
-def prepare(work_dir: str, size: tuple[int, int], count: int) -> tuple[str, list[str]]:
-    """(shard root, source PNG paths) for `count` frames of `size`, generating and converting what is missing."""
+def _converted(folder: str, img_size: int) -> bool:
+    """Whether `folder` holds a conversion in this version's record format with the nearest variant."""
+    try:
+        with open(os.path.join(folder, pipeline.MANIFEST_NAME)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("record_format_version") == records.FORMAT_VERSION
+            and f"nearest{img_size}" in manifest.get("variants", {}))
+
+
+def prepare(work_dir: str, size: tuple[int, int], count: int, img_size: int) -> tuple[str, list[str]]:
+    """(shard root, source PNG paths) for `count` frames of `size`, generating and converting what is missing
+    or was converted by an older data_prep."""
     width, height = size
     name = f"speckle_{width}x{height}_{count}_v{SOURCE_VERSION}"
     src, out = os.path.join(work_dir, "sources", name), os.path.join(work_dir, "shards", name)
@@ -121,11 +134,11 @@ def prepare(work_dir: str, size: tuple[int, int], count: int) -> tuple[str, list
         # spawn, not fork: this process already runs JAX's and grain's threads.
         with ProcessPoolExecutor(len(os.sched_getaffinity(0)), mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_write_frame, missing, chunksize=16))
-    if not os.path.isfile(os.path.join(out, "frames", pipeline.MANIFEST_NAME)):
+    if not _converted(os.path.join(out, "frames"), img_size):
         print(f"[{width}x{height}] converting with python -m data_prep folder -> {out}", flush=True)
         subprocess.run([sys.executable, "-m", "data_prep", "folder", "--src", src, "--out_dir", out, "--name",
-                        "frames", "--no_progress", "--overwrite"], check=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
+                        "frames", "--nearest_size", str(img_size), "--no_progress", "--overwrite"], check=True,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
     return out, paths
 
 
@@ -301,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             jobs = []
             for width, height in args.source_size or [(256, 256), (640, 480)]:
-                data_dir, paths = prepare(args.work_dir, (width, height), args.count)
+                data_dir, paths = prepare(args.work_dir, (width, height), args.count, args.img_size)
                 opener = (lambda i, paths=paths: Image.open(paths[i])) if args.baseline == "pil" else None
                 jobs.append((f"{width}x{height}", data_dir, opener, len(paths)))
                 if args.codecs:
