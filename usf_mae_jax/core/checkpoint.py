@@ -48,7 +48,7 @@ class CheckpointSaveError(CheckpointError):
     """Writing a checkpoint failed (e.g. the disk is full); training stopped, older checkpoints are intact."""
 
 
-class _FrozenIteratorState:
+class FrozenIteratorState:
     """A snapshot of an iterator's state for grain's handler: the saved data position is the one of the step
     boundary, even though orbax writes it asynchronously while training goes on."""
 
@@ -137,7 +137,7 @@ class Checkpointer:
         if best is not None:
             items["best"] = ocp.args.StandardSave(best)
         if data_state is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))
+            items["data_iter"] = grain.checkpoint.CheckpointSave(FrozenIteratorState(data_state))
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as err:
