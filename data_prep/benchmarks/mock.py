@@ -5,7 +5,8 @@
 It writes `Images/bus_NNNN-{l,r}.png`, `Masks/mask_NNNN-{l,r}.png`, `bus_data.csv` and `5-fold-cv.csv` with
 the real columns. Images come from `usf_mae_jax.data.synthetic` (speckle, probe geometry, and lesions whose
 class shows in their shape: benign round and smooth with posterior enhancement, malignant irregular with a
-posterior shadow), so a small classifier can learn them. Folds are patient-level and stratified by
+posterior shadow; `cues` sets how strongly, `usf_mae_jax.data.synthetic.Cues`), so a small classifier can learn
+them. Folds are patient-level and stratified by
 pathology, like the real file; in each round 15% of each class's training patients (at least one) are
 validation patients.
 """
@@ -49,7 +50,8 @@ def _assign_validation(pathologies: list[str], folds: list[int], rng: np.random.
 
 
 def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int = 0,
-                      malignant_fraction: float = 0.4, second_image_fraction: float = 0.5) -> str:
+                      malignant_fraction: float = 0.4, second_image_fraction: float = 0.5,
+                      cues: synthetic.Cues | None = None) -> str:
     """Writes the tree under `root/BUSBRA` and returns that folder. Deterministic for a seed."""
     if patients < 2 * NUM_FOLDS:
         raise ValueError(f"need at least {2 * NUM_FOLDS} patients for 5 stratified folds, got {patients}")
@@ -67,7 +69,7 @@ def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int =
         label = synthetic.MALIGNANT if pathologies[patient] == "malignant" else synthetic.BENIGN
         for side in sides:
             stem = f"{patient + 1:04d}-{side}"
-            image = synthetic.synthesize(size, np.random.default_rng([seed, patient, ord(side)]), label)
+            image = synthetic.synthesize(size, np.random.default_rng([seed, patient, ord(side)]), label, cues=cues)
             cv2.imwrite(os.path.join(base, "Images", f"bus_{stem}.png"), image)
             # A stand-in lesion mask (0/255): the darkest blob; it only has to exist, it is never an input.
             mask = (cv2.GaussianBlur(image, (0, 0), 3) < 40).astype(np.uint8) * 255

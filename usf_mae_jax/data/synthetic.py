@@ -45,6 +45,10 @@ class Cues:
       posterior    acoustic shadow (x 0.15-0.35) vs enhancement (x 1.2-1.5) below the lesion
       echo         markedly hypoechoic interior (x 0.02-0.06) vs hypoechoic (x 0.08-0.25)
       texture      heterogeneous interior (log-normal blobs, sigma 1.2 * s) vs homogeneous
+
+    Two settings act on both classes alike (they make lesions more or less conspicuous, not distinguishable):
+    `lesion_scale` multiplies the lesion radius (0.09-0.16 of the image side at 1), and `lesion_contrast` is an
+    exponent on the interior's reflectivity factor (at 2 a factor 0.1 becomes 0.01: -20 dB instead of -10 dB).
     """
 
     margin: float = 1.0
@@ -52,11 +56,16 @@ class Cues:
     posterior: float = 1.0
     echo: float = 0.0
     texture: float = 0.0
+    lesion_scale: float = 1.0
+    lesion_contrast: float = 1.0
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
-            if not 0.0 <= float(value) <= 1.0:
+            if not name.startswith("lesion_") and not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"cue {name} must lie in [0, 1], got {value}")
+        if not (0.0 < self.lesion_scale <= 4.0 and 0.0 < self.lesion_contrast <= 4.0):
+            raise ValueError(f"lesion_scale and lesion_contrast must lie in (0, 4], got {self.lesion_scale} and "
+                             f"{self.lesion_contrast}")
 
     @classmethod
     def parse(cls, text: str | None) -> Cues:
@@ -74,7 +83,7 @@ class Cues:
                 strength = None
             if (name not in values and name != "all") or strength is None:
                 raise ValueError(f"cue {item!r} is not NAME=STRENGTH with NAME one of all, {', '.join(values)}")
-            for key in (values if name == "all" else [name]):
+            for key in ([k for k in values if not k.startswith("lesion_")] if name == "all" else [name]):
                 values[key] = strength
         return cls(**values)
 
@@ -115,6 +124,8 @@ def _lesion_mask(height: int, width: int, rng: np.random.Generator, kind: int,
     cx = rng.uniform(0.35, 0.65) * width
     cy = rng.uniform(0.35, 0.6) * height
     radius = rng.uniform(0.09, 0.16) * min(height, width)
+    if cues.lesion_scale != 1.0:
+        radius *= cues.lesion_scale
     theta = np.linspace(0, 2 * np.pi, 180, endpoint=False)
     # Benign: round to oval, wider than tall, smooth boundary. Malignant: irregular, spiculated, taller than wide.
     orientation = 0.0 if kind == BENIGN else cues.orientation
@@ -158,7 +169,8 @@ def synthesize(size: int | tuple[int, int], rng: np.random.Generator, lesion: in
     if lesion != NO_LESION:
         mask, (cx, _, rx) = _lesion_mask(height, width, rng, lesion, cues)
         malignant = lesion == MALIGNANT
-        reflectivity[mask] *= rng.uniform(*_blend((0.08, 0.25), (0.02, 0.06), cues.echo if malignant else 0.0))
+        interior = rng.uniform(*_blend((0.08, 0.25), (0.02, 0.06), cues.echo if malignant else 0.0))
+        reflectivity[mask] *= interior if cues.lesion_contrast == 1.0 else interior**cues.lesion_contrast
         if malignant and cues.texture > 0:  # heterogeneous interior: log-normal blobs about 1/30 of the image
             blobs = cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0),
                                      max(height, width) / 30)
