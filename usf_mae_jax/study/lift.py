@@ -12,8 +12,9 @@ the project's own entry points (the configs, `registry.create`, `loop.run`, `cro
   2. one pretraining per arm (`plain` = the USF-MAE recipe at the scale's size; `fov`, `usaug`, `normpix`
      switch on one ultrasound-aware option each; `a+b` combines them), with the ridge / k-NN probes of every
      fold's train -> test split at step 0 and every `eval_steps` (evaluators/probes.py);
-  3. per arm and for a random init (`scratch`): full fine-tuning and linear probing over folds x seeds, at
-     each label budget (`label_fraction` of the training split, validation and test whole);
+  3. for the plain arm and a random init (`scratch`): full fine-tuning and linear probing over folds x seeds,
+     at each label budget (`label_fraction` of the training split, validation and test whole); the option
+     arms at the `--ablation_budgets` (the smallest budget unless told);
   4. `lift.md`, `lift.json` and `lift.png` (study/report.py).
 
 The labelled set is built so that it can measure a lift (docs/transfer_study.md): the cue strengths make a
@@ -37,7 +38,11 @@ from usf_mae_jax.cli import ConfigError
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("fov", "usaug", "normpix")  # the ultrasound-aware options an arm can switch on
+OPTIONS = ("fov", "usaug", "normpix")
+# The labelled set's and the pool's lesions (docs/transfer_study.md): today's three cues (margin, orientation,
+# posterior) at full strength, with lesions 1.5x larger and darker (interior factor squared and more) than the
+# generator's default, whose 64 px lesions are barely visible through the speckle.
+CONSPICUOUS = "lesion_scale=1.5,lesion_contrast=2.5"  # the ultrasound-aware options an arm can switch on
 DATASET, POOL_NAME = "busbra", "pool"
 
 
@@ -70,14 +75,14 @@ SCALES = {
     # The CPU setting (docs/transfer_study.md): 2 cores, about half an hour for the plain arm and scratch.
     "small": Scale(img_size=64, model=dict(variant="tiny", patch_size=8, width=128, depth=4, heads=4,
                                            decoder_width=64, decoder_depth=1, decoder_heads=2),
-                   pool_count=4000, lesion_fraction=1.0, patients=400, pretrain_steps=2000, pretrain_batch=64,
-                   pretrain_lr=1.5e-3, probe_evals=4, finetune_steps={"low": 100, "full": 300}, finetune_batch=32,
-                   finetune_lr=5e-4, linear_epochs=90, cues=""),
+                   pool_count=4000, lesion_fraction=1.0, patients=400, pretrain_steps=1500, pretrain_batch=64,
+                   pretrain_lr=1.5e-3, probe_evals=4, finetune_steps={"low": 60, "full": 150}, finetune_batch=32,
+                   finetune_lr=5e-4, linear_epochs=90, cues=CONSPICUOUS),
     # The accelerator setting: ViT-B/16 at 224 px on 100k frames (a few GPU hours; see the docs).
     "gpu": Scale(img_size=224, model=dict(variant="base", patch_size=16), pool_count=100_000,
                  lesion_fraction=1.0, patients=2000, pretrain_steps=40_000, pretrain_batch=256, pretrain_lr=6e-4,
                  probe_evals=20, finetune_steps={"low": 500, "full": 3000}, finetune_batch=64, finetune_lr=5e-4,
-                 linear_epochs=90, cues=""),
+                 linear_epochs=90, cues=CONSPICUOUS),
 }
 
 
@@ -159,7 +164,9 @@ def downstream_config(base: Any, scale: Scale, data: dict[str, str], init: str |
     with config.unlocked():
         config.task = "linear_probe" if linear else "finetune"
         _set_model(config.model, scale)
-        config.model.global_pool = not linear  # the reference: pooled fine-tune, cls linear probe
+        # Mean-pooled patch tokens for both (the probes' feature too): the MAE's cls token gets no training signal
+        # of its own, so the reference's cls linear probe measures little here (docs/transfer_study.md).
+        config.model.global_pool = True
         config.model.drop_path = 0.0 if linear else 0.1
         config.input.data_dir = data["labelled"]
         config.input.num_threads = 1
@@ -173,7 +180,7 @@ def downstream_config(base: Any, scale: Scale, data: dict[str, str], init: str |
             config.batch_size = 256 if scale.img_size > 32 else 16
         else:
             steps = scale.finetune_steps["full" if budget >= 1 else "low"]
-            config.update(total_steps=steps, warmup_fraction=0.1, eval_steps=max(1, steps // 10))
+            config.update(total_steps=steps, warmup_fraction=0.1, eval_steps=max(1, steps // 5))
             config.batch_size = scale.finetune_batch
             config.optimizer.lr = scale.finetune_lr
         config.eval_batch_size = 128
@@ -203,8 +210,25 @@ def load_average() -> float | None:
         return None
 
 
+def scale_with(scale: Scale, overrides: str) -> Scale:
+    """`scale` with 'field=value,...' replaced (numbers only), e.g. 'pretrain_steps=1000,patients=300'."""
+    fields = dataclasses.asdict(scale)
+    changes = {}
+    for item in filter(None, (t.strip() for t in overrides.split(","))):
+        name, _, value = item.partition("=")
+        if name not in fields or not isinstance(fields[name], int | float) or isinstance(fields[name], bool):
+            numeric = [k for k, v in fields.items() if isinstance(v, int | float)]
+            raise ConfigError(f"--scale_override {item!r}: the field must be one of {', '.join(numeric)}")
+        try:
+            changes[name] = type(fields[name])(value)
+        except ValueError:
+            raise ConfigError(f"--scale_override {item!r}: {value!r} is not a number") from None
+    return dataclasses.replace(scale, **changes)
+
+
 def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any, folds: list[int],
-              seeds: list[int], arms: list[str], budgets: list[float], cues: str | None = None) -> dict:
+              seeds: list[int], arms: list[str], budgets: list[float], cues: str | None = None,
+              scale_override: str = "", ablation_budgets: list[float] | None = None) -> dict:
     """Every stage of the study (module docstring), skipping finished ones; returns the report's payload."""
     from usf_mae_jax.evaluators import crossval
     from usf_mae_jax.study import report
@@ -217,7 +241,10 @@ def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any,
         parse_arm(arm)
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         raise ConfigError(f"--budgets must be fractions in (0, 1], got {budgets}")
-    scale = SCALES[scale_name]
+    ablation_budgets = ablation_budgets or [min(budgets)]
+    if not set(ablation_budgets) <= set(budgets):
+        raise ConfigError(f"--ablation_budgets {ablation_budgets} must be among --budgets {budgets}")
+    scale = scale_with(SCALES[scale_name], scale_override)
     cues = scale.cues if cues is None else cues
     if not jax.config.jax_compilation_cache_dir:  # the many same-shaped downstream runs compile once
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(out), "jax_cache"))
@@ -235,7 +262,7 @@ def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any,
     for init_name, init in inits.items():
         stage = time.perf_counter()
         for mode in ("full", "linear"):
-            for budget in budgets:
+            for budget in budgets if init_name in ("scratch", "plain") else ablation_budgets:
                 config = downstream_config(finetune_base, scale, data, init, mode, budget)
                 target = os.path.join(out, "runs", init_name, f"{mode}_{budget_name(budget)}")
                 for run in crossval.sweep(config, target, folds, seeds)["runs"]:
@@ -244,8 +271,8 @@ def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any,
         timing[f"downstream_{init_name}_s"] = time.perf_counter() - stage
     timing["wall_s"] = time.perf_counter() - started
     settings = {"scale": scale_name, **dataclasses.asdict(scale), "cues": cues, "folds": folds, "seeds": seeds,
-                "arms": arms, "budgets": budgets, "load_average_start": load_start,
-                "load_average_end": load_average(), "cpu_count": os.cpu_count()}
+                "arms": arms, "budgets": budgets, "ablation_budgets": ablation_budgets,
+                "load_average_start": load_start, "load_average_end": load_average(), "cpu_count": os.cpu_count()}
     probes_by_arm = {arm: report.read_probe_curve(os.path.join(out, "pretrain", arm)) for arm in arms}
     return report.write(out, settings, timing, runs, probes_by_arm)
 
@@ -263,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated downstream seeds")
     parser.add_argument("--arms", default="plain", help="comma-separated: plain first, then options or a+b")
     parser.add_argument("--budgets", default="0.05,1.0", help="comma-separated label fractions")
+    parser.add_argument("--ablation_budgets", default="",
+                        help="label fractions the option arms run at (default: the smallest of --budgets)")
     parser.add_argument("--cues", default=None, help="lesion cue strengths (default: the scale's)")
+    parser.add_argument("--scale_override", default="", help="numeric Scale fields, e.g. pretrain_steps=1000")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 
@@ -272,13 +302,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--folds must lie in 1..5, got {args.folds}")
         try:
             budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+            ablation_budgets = [float(b) for b in args.ablation_budgets.split(",") if b.strip()] or None
         except ValueError:
-            raise ConfigError(f"--budgets must be comma-separated fractions, got {args.budgets!r}") from None
+            raise ConfigError("--budgets and --ablation_budgets must be comma-separated fractions") from None
         pretrain_base, finetune_base = load_config("configs/pretrain.py", "demo"), load_config(
             "configs/finetune.py", "busbra")
         payload = run_study(args.out, args.scale, pretrain_base, finetune_base, list(range(1, args.folds + 1)),
                             parse_int_list(args.seeds, "seeds"), [a.strip() for a in args.arms.split(",")],
-                            budgets, args.cues)
+                            budgets, args.cues, args.scale_override, ablation_budgets)
         print(payload["markdown"])
         return 0
 
