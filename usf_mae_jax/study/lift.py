@@ -63,6 +63,7 @@ class Scale:
     finetune_batch: int
     finetune_lr: float
     linear_epochs: int
+    linear_batch: int
     cues: str  # the labelled set's and the pool's lesion cues (synthetic.Cues text)
 
 
@@ -71,18 +72,18 @@ SCALES = {
     "tiny": Scale(img_size=32, model=dict(variant="mu", patch_size=8, depth=1), pool_count=48,
                   lesion_fraction=1.0, patients=20, pretrain_steps=4, pretrain_batch=8, pretrain_lr=1e-3,
                   probe_evals=2, finetune_steps={"low": 2, "full": 3}, finetune_batch=8, finetune_lr=5e-4,
-                  linear_epochs=2, cues=""),
+                  linear_epochs=2, linear_batch=16, cues=""),
     # The CPU setting (docs/transfer_study.md): 2 cores, about half an hour for the plain arm and scratch.
     "small": Scale(img_size=64, model=dict(variant="tiny", patch_size=8, width=128, depth=4, heads=4,
                                            decoder_width=64, decoder_depth=1, decoder_heads=2),
                    pool_count=4000, lesion_fraction=1.0, patients=400, pretrain_steps=1500, pretrain_batch=64,
                    pretrain_lr=1.5e-3, probe_evals=4, finetune_steps={"low": 60, "full": 150}, finetune_batch=32,
-                   finetune_lr=5e-4, linear_epochs=90, cues=CONSPICUOUS),
+                   finetune_lr=5e-4, linear_epochs=90, linear_batch=256, cues=CONSPICUOUS),
     # The accelerator setting: ViT-B/16 at 224 px on 100k frames (a few GPU hours; see the docs).
-    "gpu": Scale(img_size=224, model=dict(variant="base", patch_size=16), pool_count=100_000,
+    "gpu": Scale(img_size=224, model=dict(variant="base", patch_size=16, dtype="bfloat16"), pool_count=100_000,
                  lesion_fraction=1.0, patients=2000, pretrain_steps=40_000, pretrain_batch=256, pretrain_lr=6e-4,
                  probe_evals=20, finetune_steps={"low": 500, "full": 3000}, finetune_batch=64, finetune_lr=5e-4,
-                 linear_epochs=90, cues=CONSPICUOUS),
+                 linear_epochs=90, linear_batch=256, cues=CONSPICUOUS),
 }
 
 
@@ -128,7 +129,7 @@ def build_data(out: str, scale: Scale, cues: str) -> dict[str, str]:
 
 
 def _set_model(model_block: Any, scale: Scale) -> None:
-    model_block.update(img_size=scale.img_size, dtype="float32", **scale.model)
+    model_block.update(img_size=scale.img_size, **{"dtype": "float32", **scale.model})
 
 
 def pretrain_config(base: Any, scale: Scale, arm: str, data: dict[str, str], folds: list[int]) -> Any:
@@ -177,7 +178,7 @@ def downstream_config(base: Any, scale: Scale, data: dict[str, str], init: str |
         if linear:
             config.update(total_epochs=float(scale.linear_epochs), warmup_epochs=scale.linear_epochs / 9,
                           eval_epochs=max(1.0, scale.linear_epochs / 9))
-            config.batch_size = 256 if scale.img_size > 32 else 16
+            config.batch_size = scale.linear_batch
         else:
             steps = scale.finetune_steps["full" if budget >= 1 else "low"]
             config.update(total_steps=steps, warmup_fraction=0.1, eval_steps=max(1, steps // 5))
