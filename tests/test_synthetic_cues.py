@@ -79,3 +79,28 @@ def test_bad_cue_text_is_a_one_line_error():
     with pytest.raises(ValueError, match="must lie in"):
         Cues.parse("posterior=2")
     assert Cues.parse("all=0.5,margin=1") == Cues(1.0, 0.5, 0.5, 0.5, 0.5)
+
+
+def test_data_prep_commands_take_and_record_the_cues(tmp_path):
+    import argparse
+    import json
+
+    from data_prep import synthetic as synthetic_command
+    from data_prep.benchmarks import mock_cli
+
+    assert synthetic_command.cue_text("") == "" and synthetic_command.cue_text("margin=1") == ""  # the default
+    assert synthetic_command.cue_text("all=0,margin=1").startswith("margin=1,orientation=0")
+    with pytest.raises(argparse.ArgumentTypeError, match="is not NAME=STRENGTH"):
+        synthetic_command.cue_text("shadow=1")
+    task = synthetic_command.make_tasks(3, 32, 0, 1.0, 0.0, "all=0")[1]
+    item = next(synthetic_command.load(task))
+    np.testing.assert_array_equal(item.image[:, :, 0], synthetic.SyntheticUltrasound(
+        3, 32, seed=0, lesion_fraction=1.0, cues=Cues.parse("all=0"))[1]["image"][:, :, 0])
+    args = argparse.Namespace(out_dir=str(tmp_path), patients=10, size=32, seed=0, malignant_fraction=0.4,
+                              cues="all=0,orientation=1")
+    assert mock_cli.run(args) == 0
+    with open(tmp_path / "raw" / "mock.json") as f:
+        assert json.load(f)["cues"] == Cues.parse("all=0,orientation=1").describe()
+    args.cues = ""
+    with pytest.raises(ValueError, match="already holds a mock benchmark with other settings"):
+        mock_cli.run(args)
