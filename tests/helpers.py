@@ -56,3 +56,23 @@ def read_events(path) -> list:
 
 def scalar_steps(events, tag: str) -> list[int]:
     return [e.step for e in events if e.HasField("summary") and any(v.tag == tag for v in e.summary.value)]
+
+
+def converted_busbra(root, patients: int, size: int, seed: int) -> str:
+    """A synthetic BUS-BRA-layout tree converted with the benchmark builder; returns the --out_dir."""
+    from data_prep.benchmarks import convert, mock
+
+    mock.write_busbra_tree(str(root / "raw"), patients=patients, size=size, seed=seed)
+    convert("busbra", str(root / "raw"), str(root / "out"))
+    return str(root / "out")
+
+
+def set_fields(config, fields: dict, separator: str = "."):
+    """Sets nested config fields named by paths ("model.width" or "model__width"); returns the config."""
+    for key, value in fields.items():
+        node = config
+        *path, last = key.split(separator)
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config

@@ -15,7 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import assert_trees_equal, pretrain_setup
+from helpers import assert_trees_equal, pretrain_setup, set_fields
 
 from configs import pretrain as pretrain_configs
 from usf_mae_jax.cli import ConfigError
@@ -29,13 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(**overrides):
     config = pretrain_configs.get_config("demo,runlocal")
     config.total_steps, config.ckpt_steps, config.vis_steps, config.log_steps = 6, 2, 0, 100
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return set_fields(config, overrides)
 
 
 def params_of(summary):

@@ -8,12 +8,11 @@ import os
 
 import numpy as np
 import pytest
-from helpers import read_events, scalar_steps
+from helpers import converted_busbra, read_events, scalar_steps
 from sklearn.linear_model import Ridge
 from sklearn.neighbors import KNeighborsClassifier
 
 from configs import pretrain as pretrain_configs
-from data_prep.benchmarks import convert, mock
 from usf_mae_jax.cli import ConfigError
 from usf_mae_jax.evaluators import probes
 from usf_mae_jax.trainers import loop
@@ -54,10 +53,7 @@ def test_probe_sets_are_parsed_and_checked():
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe_bench")
-    mock.write_busbra_tree(str(root / "raw"), patients=12, size=32, seed=3)
-    convert("busbra", str(root / "raw"), str(root / "out"))
-    return str(root / "out")
+    return converted_busbra(tmp_path_factory.mktemp("probe_bench"), patients=12, size=32, seed=3)
 
 
 def probe_config(bench, **fields):
