@@ -45,10 +45,10 @@ def mean_std(values) -> tuple[float, float, int]:
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0, int(values.size)
 
 
-def fmt(stats: tuple[float, float, int], signed: bool = False) -> str:
-    mean, std, n = stats
-    if n == 0:
+def fmt(stats: tuple[float, float, int] | tuple, signed: bool = False) -> str:
+    if not stats or stats[2] == 0:
         return "–"
+    mean, std, _ = stats
     return f"{mean:+.3f} ± {std:.3f}" if signed else f"{mean:.3f} ± {std:.3f}"
 
 
@@ -80,6 +80,14 @@ def summarize(settings: dict, runs: list[dict], probes_by_arm: dict[str, dict]) 
             probe_stats[f"{arm}/{key}"] = {"step0": mean_std(start), "final": mean_std(end),
                                           "lift": mean_std(end - start) if start.shape == end.shape else
                                           (float("nan"), float("nan"), 0)}
+    plain_curve = probes_by_arm.get("plain", {})
+    probe_ablations = {}
+    for arm in arms[1:]:
+        curve = probes_by_arm.get(arm, {})
+        if curve.get("steps") and plain_curve.get("steps"):
+            for key in (k for k in curve if k != "steps"):
+                final, plain_final = np.asarray(curve[key][-1]), np.asarray(plain_curve[key][-1])
+                probe_ablations[f"{arm}/{key}"] = mean_std(final - plain_final)
     low = min(budgets)
     plain_ft = lifts.get(f"plain/full/{low}", (float("nan"), 0.0, 0))
     plain_probe = probe_stats.get("plain/ridge_f1_macro", {}).get("lift", (float("nan"), 0.0, 0))
@@ -87,7 +95,8 @@ def summarize(settings: dict, runs: list[dict], probes_by_arm: dict[str, dict]) 
                                             "met": bool(plain_ft[0] >= FINETUNE_LIFT_TARGET)},
                "ridge_probe_lift": {"value": plain_probe[0], "target": PROBE_LIFT_TARGET,
                                     "met": bool(plain_probe[0] >= PROBE_LIFT_TARGET)}}
-    return {"cells": cells, "lifts": lifts, "ablations": ablations, "probes": probe_stats, "targets": targets}
+    return {"cells": cells, "lifts": lifts, "ablations": ablations, "probes": probe_stats,
+            "probe_ablations": probe_ablations, "targets": targets}
 
 
 def markdown(settings: dict, timing: dict, summary: dict) -> str:
@@ -117,15 +126,15 @@ def markdown(settings: dict, timing: dict, summary: dict) -> str:
                              f"{fmt(stats['lift'], signed=True)} |")
     if len(arms) > 1:
         lines += ["", "## Ablations: each option against the plain recipe (paired differences)", "",
-                  "| arm | mode | labels | Δ macro-F1 vs plain | Δ ridge probe F1 (final) |", "|---|---|---|---|---|"]
+                  "| arm | labels | fine-tune Δ macro-F1 | linear probe Δ macro-F1 | ridge probe Δ F1 (final) | "
+                  "k-NN probe Δ F1 (final) |", "|---|---|---|---|---|---|"]
         for arm in arms[1:]:
-            plain_probe = summary["probes"].get("plain/ridge_f1_macro", {}).get("final", (float("nan"),))[0]
-            arm_probe = summary["probes"].get(f"{arm}/ridge_f1_macro", {}).get("final", (float("nan"),))[0]
-            for mode in ("full", "linear"):
-                for budget in budgets:
-                    lines.append(f"| {arm} | {mode} | {budget:.0%} | "
-                                 f"{fmt(summary['ablations'][f'{arm}/{mode}/{budget}'], signed=True)} | "
-                                 f"{arm_probe - plain_probe:+.3f} |")
+            for budget in settings.get("ablation_budgets") or budgets:
+                effect = summary["ablations"]
+                lines.append(f"| {arm} | {budget:.0%} | {fmt(effect[f'{arm}/full/{budget}'], signed=True)} | "
+                             f"{fmt(effect[f'{arm}/linear/{budget}'], signed=True)} | "
+                             f"{fmt(summary['probe_ablations'].get(f'{arm}/ridge_f1_macro', ()), signed=True)} | "
+                             f"{fmt(summary['probe_ablations'].get(f'{arm}/knn_f1_macro', ()), signed=True)} |")
     lines += ["", "## Targets", ""]
     for name, target in summary["targets"].items():
         lines.append(f"- {name}: {target['value']:+.3f} (target {target['target']:+.2f}): "
