@@ -120,10 +120,11 @@ def markdown(settings: dict, timing: dict, summary: dict) -> str:
               "| arm | probe | step 0 | final | lift |", "|---|---|---|---|---|"]
     for arm in arms:
         for probe in PROBES:
-            stats = summary["probes"].get(f"{arm}/{probe}_f1_macro")
-            if stats:
-                lines.append(f"| {arm} | {probe} macro-F1 | {fmt(stats['step0'])} | {fmt(stats['final'])} | "
-                             f"{fmt(stats['lift'], signed=True)} |")
+            for metric, name in (("f1_macro", "macro-F1"), ("accuracy", "accuracy")):
+                stats = summary["probes"].get(f"{arm}/{probe}_{metric}")
+                if stats:
+                    lines.append(f"| {arm} | {probe} {name} | {fmt(stats['step0'])} | {fmt(stats['final'])} | "
+                                 f"{fmt(stats['lift'], signed=True)} |")
     if len(arms) > 1:
         lines += ["", "## Ablations: each option against the plain recipe (paired differences)", "",
                   "| arm | labels | fine-tune Δ macro-F1 | linear probe Δ macro-F1 | ridge probe Δ F1 (final) | "
@@ -148,7 +149,8 @@ def markdown(settings: dict, timing: dict, summary: dict) -> str:
 
 
 def plot(path: str, settings: dict, runs: list[dict], probes_by_arm: dict[str, dict]) -> None:
-    """Left: ridge-probe macro-F1 (mean ± std over folds) against the pretraining step, per arm. Right:
+    """Left: ridge (solid) and k-NN (dashed) probe accuracy, mean ± std over folds, against the pretraining
+    step, per arm. Right:
     fine-tune (solid) and linear-probe (dashed) macro-F1 against the label budget, scratch and every arm."""
     import matplotlib
 
@@ -156,14 +158,15 @@ def plot(path: str, settings: dict, runs: list[dict], probes_by_arm: dict[str, d
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for arm, curve in probes_by_arm.items():
-        if curve["steps"]:
-            values = np.asarray(curve["ridge_f1_macro"], np.float64)
-            mean, std = values.mean(axis=1), values.std(axis=1)
-            left.plot(curve["steps"], mean, marker="o", label=arm)
-            left.fill_between(curve["steps"], mean - std, mean + std, alpha=0.15)
-    left.set(xlabel="pretraining step", ylabel="ridge probe macro-F1 (test)", title="probe during pretraining")
-    left.legend()
+    for index, (arm, curve) in enumerate(probes_by_arm.items()):
+        for probe, style in (("ridge", "-"), ("knn", "--")):
+            if curve["steps"]:
+                values = np.asarray(curve[f"{probe}_accuracy"], np.float64)
+                mean, std = values.mean(axis=1), values.std(axis=1)
+                left.plot(curve["steps"], mean, style, marker="o", color=f"C{index}", label=f"{arm} {probe}")
+                left.fill_between(curve["steps"], mean - std, mean + std, color=f"C{index}", alpha=0.12)
+    left.set(xlabel="pretraining step", ylabel="probe accuracy (test split)", title="probes during pretraining")
+    left.legend(fontsize=7)
     budgets = sorted(settings["budgets"])
     for init in ["scratch", *settings["arms"]]:
         for mode, style in (("full", "-"), ("linear", "--")):
