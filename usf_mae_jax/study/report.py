@@ -158,21 +158,25 @@ def plot(path: str, settings: dict, runs: list[dict], probes_by_arm: dict[str, d
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for index, (arm, curve) in enumerate(probes_by_arm.items()):
+    for index, arm in enumerate(settings["arms"]):
+        curve = probes_by_arm.get(arm, {"steps": []})
         for probe, style in (("ridge", "-"), ("knn", "--")):
             if curve["steps"]:
                 values = np.asarray(curve[f"{probe}_accuracy"], np.float64)
                 mean, std = values.mean(axis=1), values.std(axis=1)
-                left.plot(curve["steps"], mean, style, marker="o", color=f"C{index}", label=f"{arm} {probe}")
-                left.fill_between(curve["steps"], mean - std, mean + std, color=f"C{index}", alpha=0.12)
+                left.plot(curve["steps"], mean, linestyle=style, marker="o", color=f"C{index}", label=f"{arm} {probe}")
+                if probe == "ridge":
+                    left.fill_between(curve["steps"], mean - std, mean + std, color=f"C{index}", alpha=0.12)
     left.set(xlabel="pretraining step", ylabel="probe accuracy (test split)", title="probes during pretraining")
     left.legend(fontsize=7)
     budgets = sorted(settings["budgets"])
-    for init in ["scratch", *settings["arms"]]:
+    for index, init in enumerate(["scratch", *settings["arms"]]):
+        colour = "k" if init == "scratch" else f"C{index - 1}"  # each arm in its colour of the left panel
         for mode, style in (("full", "-"), ("linear", "--")):
             stats = [mean_std(_values(runs, init, mode, b).values()) for b in budgets]
             right.errorbar([b * 100 for b in budgets], [s[0] for s in stats], yerr=[s[1] for s in stats],
-                           linestyle=style, marker="o", capsize=3, label=f"{init} {'FT' if mode == 'full' else 'LP'}")
+                           linestyle=style, marker="o", capsize=3, color=colour,
+                           label=f"{init} {'fine-tune' if mode == 'full' else 'linear probe'}")
     right.set_xscale("log")
     right.set(xlabel="labels used (% of the training split)", ylabel="test macro-F1", title="pretrained vs scratch")
     right.legend(fontsize=7)
