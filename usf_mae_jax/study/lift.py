@@ -77,7 +77,7 @@ SCALES = {
     "small": Scale(img_size=64, model=dict(variant="tiny", patch_size=8, width=128, depth=4, heads=4,
                                            decoder_width=64, decoder_depth=1, decoder_heads=2),
                    pool_count=4000, lesion_fraction=1.0, patients=400, pretrain_steps=1500, pretrain_batch=64,
-                   pretrain_lr=1.5e-3, probe_evals=4, finetune_steps={"low": 60, "full": 150}, finetune_batch=32,
+                   pretrain_lr=1.5e-3, probe_evals=4, finetune_steps={"low": 120, "full": 150}, finetune_batch=32,
                    finetune_lr=5e-4, linear_epochs=90, linear_batch=256, cues=CONSPICUOUS),
     # The accelerator setting: ViT-B/16 at 224 px on 100k frames (a few GPU hours; see the docs).
     "gpu": Scale(img_size=224, model=dict(variant="base", patch_size=16, dtype="bfloat16"), pool_count=100_000,
