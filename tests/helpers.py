@@ -8,14 +8,15 @@ import jax
 import numpy as np
 
 
-def pretrain_setup(config, mesh):
-    """The training loop's `Setup` (jitted init and step) of a pretraining config on `mesh`."""
+def pretrain_setup(config, mesh, **build_options):
+    """The training loop's `Setup` (jitted init and step) of a pretraining config on `mesh`; `build_options` go to
+    `loop.build` (e.g. guard="select")."""
     from usf_mae_jax.trainers import loop
     from usf_mae_jax.trainers.pretrain import PretrainTask
 
     task = PretrainTask(config)
     task.prepare(mesh, "")
-    return loop.build(config, task, mesh)
+    return loop.build(config, task, mesh, **build_options)
 
 
 def assert_trees_equal(a, b):
