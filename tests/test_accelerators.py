@@ -84,13 +84,13 @@ def test_the_cache_folder_is_created_by_the_first_compilation_only(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith(f"compilation cache: {tmp_path / 'cache'}/cpu-")
+    assert lines[0].startswith(f"{tmp_path / 'cache'}/cpu-")
     assert lines[1:] == ["before False", "after True"]
     env["USF_MAE_XLA_CACHE"] = "0"
     proc = subprocess.run([sys.executable, "-c", CACHE_PROBE.replace('folder = accelerators.cache_dir("cpu")',
                                                                    'folder = "/nonexistent"')],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.stdout.splitlines()[0] == "compilation cache: off (USF_MAE_XLA_CACHE)"
+    assert proc.stdout.splitlines()[0] == "off (USF_MAE_XLA_CACHE)"
 
 
 @pytest.mark.parametrize("kind, peak", [
@@ -120,3 +120,13 @@ def test_the_cache_folder_is_created_by_the_first_compilation_only(tmp_path):
 ])
 def test_peak_table_matches_device_kinds_exactly(kind, peak):
     assert accelerators.peak_bf16_tflops(kind) == peak
+
+
+@pytest.mark.parametrize("platform, devices, expected", [
+    ("cpu", 1, {"variant": None, "dtype": None, "batch_size": 32}),
+    ("gpu", 1, {"variant": "base", "dtype": "bfloat16", "batch_size": 256}),
+    ("gpu", 8, {"variant": "base", "dtype": "bfloat16", "batch_size": 2048}),
+    ("tpu", 4, {"variant": "base", "dtype": "bfloat16", "batch_size": 1024}),
+])
+def test_benchmark_defaults_are_the_target_model_on_accelerators(platform, devices, expected):
+    assert accelerators.benchmark_defaults(platform, devices) == expected

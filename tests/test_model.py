@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jax_core
 
 from usf_mae_jax.models import mae, pos_embed, vit
 
@@ -235,3 +236,48 @@ def test_forward_patches_is_the_image_forward_and_checks_shapes():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match=r"patches must have shape \(N, 16, 48\), got \(2, 16, 16\)"):
         model.forward_patches(jnp.zeros((2, 16, 16)), 0.75, noise=noise)
+
+
+def dot_flops(jaxpr) -> int:
+    """2 x multiply-adds of every dot_general in a jaxpr, sub-jaxprs (custom_vjp, pjit, cond) included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            lhs, rhs = (np.asarray(v.aval.shape, np.int64) for v in eqn.invars[:2])
+            shared = int(np.prod(lhs[list(lhs_contract)])) * int(np.prod(lhs[list(lhs_batch)]))
+            total += 2 * int(np.prod(lhs)) * int(np.prod(rhs)) // shared
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    total += dot_flops(sub.jaxpr)
+                elif isinstance(sub, jax_core.Jaxpr):
+                    total += dot_flops(sub)
+    return total
+
+
+def test_train_flops_of_vit_b_mae():
+    assert mae.train_flops_per_image(vit.model_config("base"), 0.75) == 3 * 19_388_858_368  # 58.2 GFLOP
+
+
+@pytest.mark.parametrize("variant, overrides, ratio", [
+    ("mu", dict(img_size=32, patch_size=8), 0.75),
+    ("mu", dict(img_size=48, patch_size=8, depth=2, decoder_depth=3, mlp_ratio=2.0), 0.5),
+    ("tiny", dict(img_size=64, patch_size=16, decoder_width=64, in_chans=1), 0.9),
+])
+def test_train_flops_formula_counts_the_models_matmuls(variant, overrides, ratio):
+    """The formula against the matmuls the model actually traces: the forward's, and the gradient's, which has
+    two per forward matmul except the patch embedding's input gradient (pixels are not differentiated)."""
+    config = vit.model_config(variant, **overrides)
+    graphdef, params = nnx.split(mae.MaskedAutoencoder(config, rngs=nnx.Rngs(0)))
+    patches = jnp.zeros((1, config.num_patches, config.patch_size**2 * config.in_chans))
+    noise = jax.random.uniform(jax.random.key(0), (1, config.num_patches))
+
+    def loss(params):
+        return nnx.merge(graphdef, params).forward_patches(patches, ratio, noise=noise)[0]
+
+    expected = mae.train_flops_per_image(config, ratio)
+    forward = dot_flops(jax.make_jaxpr(loss)(params).jaxpr)
+    assert 3 * forward == expected
+    patch_input_gradient = 2 * mae.num_kept(config.num_patches, ratio) * patches.shape[-1] * config.width
+    assert dot_flops(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr) == expected - patch_input_gradient

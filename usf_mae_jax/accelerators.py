@@ -4,7 +4,8 @@
     global device count, applied by the training loop's `jax.jit` (so launch.py, the benchmark and the tests get
     the same step).
   * The persistent compilation cache (`enable_compilation_cache`), switched on by launch.py and the benchmark.
-  * Peak dense bf16 FLOP/s per device kind (`peak_bf16_tflops`), for MFU.
+  * Peak dense bf16 FLOP/s per device kind (`peak_bf16_tflops`), for MFU, and the benchmark's defaults
+    (`benchmark_defaults`).
 
 Environment variables that must be set before the process starts (XLA_PYTHON_CLIENT_MEM_FRACTION, NCCL_*) are
 set by the launch scripts, and documented with the NCCL notes in docs/accelerators.md. Nothing here touches the
@@ -88,19 +89,19 @@ def cache_dir(platform: str, environ: Mapping[str, str] | None = None) -> str | 
 
 
 def enable_compilation_cache(environ: Mapping[str, str] | None = None) -> str:
-    """Points jax's persistent compilation cache at `cache_dir` for the default backend; returns a log line.
+    """Points jax's persistent compilation cache at `cache_dir` for the default backend; says where, for the log.
 
     The folder is not created here: jax creates it when it first writes an entry. Entries are programs that
     took at least jax's default 1 s to compile. A cache folder already configured in this process (a test
     suite's, say) is left as it is.
     """
     if jax.config.jax_compilation_cache_dir:
-        return f"compilation cache: {jax.config.jax_compilation_cache_dir} (set before)"
+        return f"{jax.config.jax_compilation_cache_dir} (set before)"
     path = cache_dir(jax.default_backend(), environ)
     if path is None:
-        return f"compilation cache: off ({CACHE_VARIABLE})"
+        return f"off ({CACHE_VARIABLE})"
     jax.config.update("jax_compilation_cache_dir", path)
-    return f"compilation cache: {path} (off with {CACHE_VARIABLE}=0)"
+    return f"{path} (off with {CACHE_VARIABLE}=0)"
 
 
 # Peak dense (non-sparse) bf16 tensor throughput per device, TFLOP/s, keyed by jax's exact `device_kind`. Only
@@ -135,3 +136,13 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
 def peak_bf16_tflops(device_kind: str) -> float | None:
     """The peak of a device kind, or None when it is not in the table (exact match, surrounding spaces aside)."""
     return PEAK_BF16_TFLOPS.get(device_kind.strip())
+
+
+def benchmark_defaults(platform: str, device_count: int) -> dict:
+    """`python -m usf_mae_jax.bench` defaults (None: the config's value). Accelerators measure the target model,
+    ViT-B/16 in bf16, at 256 images per device: MAE's encoder sees only 50 tokens per image, so a GPU needs
+    large batches to fill its matmuls (docs/accelerators.md). The CPU keeps a global batch of 32, what its
+    figures in docs/performance.md were measured with."""
+    if platform == "cpu":
+        return {"variant": None, "dtype": None, "batch_size": 32}
+    return {"variant": "base", "dtype": "bfloat16", "batch_size": 256 * device_count}

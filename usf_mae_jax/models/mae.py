@@ -35,6 +35,36 @@ def validate_mask_ratio(mask_ratio: float) -> None:
         raise ValueError(f"mask_ratio must lie in the open interval (0, 1), got {mask_ratio}")
 
 
+def train_flops_per_image(config: ModelConfig, mask_ratio: float) -> float:
+    """Model FLOPs of one pretraining image, forward and backward: the number MFU divides by.
+
+    Counted as MFU conventionally counts (PaLM, Chowdhery et al. 2022, appendix B): matmuls only, 2 FLOPs per
+    multiply-add, and the backward pass twice the forward (the input and the weight gradient of every matmul).
+    With K = len_keep kept patches, L patches, widths D / Dd, MLP widths M / Md, patch vector size P = p*p*C:
+
+      block(n, w, m) = 2 n (4 w^2 + 2 w m)  [qkv, proj, fc1, fc2]  +  4 n^2 w  [q k^T and weights @ v]
+      forward = 2 K P D  [patch embedding of the kept patches]  +  depth * block(K + 1, D, M)
+              + 2 (K + 1) D Dd  [decoder_embed]  +  decoder_depth * block(L + 1, Dd, Md)
+              + 2 (L + 1) Dd P  [decoder_pred]
+      train = 3 * forward
+
+    ViT-B/16 MAE at 224 px, ratio 0.75 (K = 49, L = 196): 58.2 GFLOP per image (embedding all 196 patches, as
+    the reference does, would add 0.5). Elementwise work (LayerNorm, softmax, GELU, AdamW) is not counted.
+    """
+    length, kept = config.num_patches, num_kept(config.num_patches, mask_ratio)
+    patch_vector = config.patch_size**2 * config.in_chans
+
+    def block(tokens: int, width: int) -> int:
+        hidden = int(width * config.mlp_ratio)
+        return 2 * tokens * (4 * width**2 + 2 * width * hidden) + 4 * tokens**2 * width
+
+    forward = (2 * kept * patch_vector * config.width + config.depth * block(kept + 1, config.width)
+               + 2 * (kept + 1) * config.width * config.decoder_width
+               + config.decoder_depth * block(length + 1, config.decoder_width)
+               + 2 * (length + 1) * config.decoder_width * patch_vector)
+    return 3.0 * forward
+
+
 class Masking(NamedTuple):
     """One sample-wise random masking, as the reference's `random_masking` draws it (docs/mae_fidelity.md).
 
