@@ -1,8 +1,10 @@
-"""Helpers shared by the tests: the pretraining step of a config on a given mesh, and tree comparisons."""
+"""Helpers shared by the tests: the pretraining step of a config on a given mesh, tree comparisons, and the
+conditionals of a lowered program."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -35,3 +37,26 @@ def read_text(path) -> str:
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def data_dependent_conditionals(stablehlo: str) -> int:
+    """`stablehlo.case`/`if` ops whose branch index is computed from data; `lax.platform_dependent` leaves cases on
+    a constant platform index (or on a case of one), which the compiler folds away. SSA names are per function."""
+    count = stablehlo.count("stablehlo.if")
+    for function in stablehlo.split("func.func")[1:]:
+        definitions, indices = {}, {}
+        for name, op in re.findall(r"^\s*(%[\w#]+)(?::\d+)? = \"?([\w.]+)", function, re.MULTILINE):
+            definitions.setdefault(name, op)
+        for name, index in re.findall(r"^\s*(%[\w#]+)(?::\d+)? = \"stablehlo.case\"\((%[\w#]+)\)", function,
+                                      re.MULTILINE):
+            indices.setdefault(name, index)
+
+        cases = re.findall(r"\"stablehlo.case\"\((%[\w#]+)\)", function)
+        count += sum(not _constant_index(index, definitions, indices) for index in cases)
+    return count
+
+
+def _constant_index(name: str, definitions: dict, indices: dict) -> bool:
+    op = definitions.get(name, "")
+    return op == "stablehlo.constant" or (op == "stablehlo.case" and
+                                          _constant_index(indices[name], definitions, indices))

@@ -142,8 +142,8 @@ def test_a_block_with_cudnn_attention_lowers_for_cuda_in_training(cudnn_probe_st
 def test_the_bf16_train_step_with_cudnn_attention_lowers_for_cuda(cudnn_probe_stubbed):
     """The documented GPU recipe's step, with ViT-B's sequence lengths (224 px, patch 16: 50 encoder tokens,
     197 decoder tokens) on a small width, lowered for CUDA: one cuDNN call per block and direction, the decoder's
-    padded to 200 tokens, and no scatter anywhere (the masking gradients are gathers)."""
-    from helpers import pretrain_setup
+    padded to 200 tokens, no scatter anywhere (the masking gradients are gathers) and no conditional on data."""
+    from helpers import data_dependent_conditionals, pretrain_setup
 
     from configs import pretrain
     from usf_mae_jax.core import sharding
@@ -162,3 +162,4 @@ def test_the_bf16_train_step_with_cudnn_attention_lowers_for_cuda(cudnn_probe_st
     assert cudnn_calls(text) == {"__cudnn$fmhaSoftmax": 4, "__cudnn$fmhaSoftmaxBackward": 4}
     assert "2x200x2x16xbf16" in text and "2x50x2x16xbf16" in text
     assert "scatter" not in text
+    assert data_dependent_conditionals(text) == 0  # the guard is a select here: no host sync per step

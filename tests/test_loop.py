@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import toy_task
 from conftest import CACHE_DIR, ROOT
-from helpers import assert_trees_equal, read_json, read_text
+from helpers import assert_trees_equal, data_dependent_conditionals, read_json, read_text
 
 from usf_mae_jax.core import checkpoint
 from usf_mae_jax.trainers import loop
@@ -148,29 +147,6 @@ def test_the_guard_leaves_params_optimizer_and_extra_state_unchanged(guard):
     assert bool(metrics["nonfinite"]) and int(second["step"]) == 2
     for name in ("params", "opt_state", "extra"):
         assert_trees_equal(second[name], snapshot[name])
-
-
-def data_dependent_conditionals(stablehlo: str) -> int:
-    """`stablehlo.case`/`if` ops whose branch index is computed from data; `lax.platform_dependent` leaves cases on
-    a constant platform index (or on a case of one), which the compiler folds away. SSA names are per function."""
-    count = stablehlo.count("stablehlo.if")
-    for function in stablehlo.split("func.func")[1:]:
-        definitions, indices = {}, {}
-        for name, op in re.findall(r"^\s*(%[\w#]+)(?::\d+)? = \"?([\w.]+)", function, re.MULTILINE):
-            definitions.setdefault(name, op)
-        for name, index in re.findall(r"^\s*(%[\w#]+)(?::\d+)? = \"stablehlo.case\"\((%[\w#]+)\)", function,
-                                      re.MULTILINE):
-            indices.setdefault(name, index)
-
-        cases = re.findall(r"\"stablehlo.case\"\((%[\w#]+)\)", function)
-        count += sum(not _constant_index(index, definitions, indices) for index in cases)
-    return count
-
-
-def _constant_index(name: str, definitions: dict, indices: dict) -> bool:
-    op = definitions.get(name, "")
-    return op == "stablehlo.constant" or (op == "stablehlo.case" and
-                                          _constant_index(indices[name], definitions, indices))
 
 
 @pytest.mark.parametrize("guard, on_cpu, elsewhere", [("auto", 1, 0), ("cond", 1, 1), ("select", 0, 0)])
