@@ -15,6 +15,7 @@ would start with less than `MIN_PART_S` left is skipped and says so):
   5. the step with attention=custom and attention=xla (guard select), against cuDNN's;
   6. data-parallel scaling 1 -> N devices, when the host has N > 1 (the step at 256 per device on one device,
      then on all).
+Without an accelerator visible to jax (the CPU build of jax), the full check stops after the probe, exit code 2.
 Everything a part printed is kept in OUT/logs/. Results: OUT/accelerator_check.json and OUT/accelerator_check.md.
 The dry run swaps in a `mu` model at 32 px, batches of 4, a few steps and, for part 6, two fake CPU devices, so
 that the whole script runs on a CPU in a couple of minutes (tests/test_accelerator_check.py).
@@ -221,6 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     probe = check.run("probe", [sys.executable, "-c", PROBE], 120)
     host = json.loads(probe["output"].strip().splitlines()[-1]) if probe["status"] == "ok" else {}
     devices, cores = int(host.get("devices", 1)), int(host.get("cores", os.cpu_count() or 1))
+    if not args.dry_run and host.get("platform") in (None, "cpu"):
+        reason = (f"jax sees no accelerator ({probe.get('reason') or host.get('platform')}): install the CUDA or TPU "
+                  "build of jax, or pass --dry_run")
+        with open(os.path.join(args.out_dir, "accelerator_check.json"), "w") as f:
+            json.dump({"dry_run": False, "host": host, "error": reason, "parts": check.records}, f, indent=2,
+                      default=str)
+        print(reason, file=sys.stderr)
+        return 2
     step_s = 60 if args.dry_run else 150
     parts = {"main": step_part(check, args, "auto", "auto", step_s)}
     attention_args = (["--batch", "2", "--dtype", "float32", "--steps", "2", "--variant", "mu", "--img_size", "32"]

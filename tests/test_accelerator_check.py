@@ -39,3 +39,12 @@ def test_the_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert table.startswith("# Accelerator check (dry run)")
     assert "| step xla/select | ok |" in table and "| decoder | cudnn | 5 | skipped" in table
     assert (tmp_path / "logs" / "step_auto_auto.log").read_text().startswith("$ ")
+
+
+def test_without_an_accelerator_the_full_check_stops_after_the_probe(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "accelerator_check.py"), "--out_dir",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "jax sees no accelerator (cpu)" in proc.stderr
+    report = json.loads((tmp_path / "accelerator_check.json").read_text())
+    assert [part["name"] for part in report["parts"]] == ["probe"] and report["host"]["platform"] == "cpu"
