@@ -60,7 +60,7 @@ def model_block(variant: str, img_size: int, **fields) -> ml_collections.ConfigD
         "norm_pix_loss": False,
         "mask_ratio": 0.75,
         "dtype": "float32",  # compute dtype; params and the loss stay float32
-        "attention": "xla",  # or "cudnn" (flash attention on NVIDIA GPUs)
+        "attention": "auto",  # auto | custom | xla | cudnn (usf_mae_jax/models/attention.py)
     })
     block.update(fields)
     return block
