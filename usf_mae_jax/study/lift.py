@@ -132,11 +132,13 @@ def _set_model(model_block: Any, scale: Scale) -> None:
     model_block.update(img_size=scale.img_size, **{"dtype": "float32", **scale.model})
 
 
-def pretrain_config(base: Any, scale: Scale, arm: str, data: dict[str, str], folds: list[int]) -> Any:
+def pretrain_config(base: Any, scale: Scale, arm: str, data: dict[str, str], folds: list[int],
+                    seed: int = 0) -> Any:
     """The pretraining config of an arm: `base` (configs/pretrain.py) at the scale's size, with its options."""
     options = parse_arm(arm)
     config = base.copy_and_resolve_references()
     with config.unlocked():
+        config.seed = seed
         _set_model(config.model, scale)
         config.model.norm_pix_loss = "normpix" in options
         config.model.fov_masking = "fov" in options
@@ -229,7 +231,7 @@ def scale_with(scale: Scale, overrides: str) -> Scale:
 
 def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any, folds: list[int],
               seeds: list[int], arms: list[str], budgets: list[float], cues: str | None = None,
-              scale_override: str = "", ablation_budgets: list[float] | None = None) -> dict:
+              scale_override: str = "", ablation_budgets: list[float] | None = None, pretrain_seed: int = 0) -> dict:
     """Every stage of the study (module docstring), skipping finished ones; returns the report's payload."""
     from usf_mae_jax.evaluators import crossval
     from usf_mae_jax.study import report
@@ -258,7 +260,8 @@ def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any,
     inits = {"scratch": None}
     for arm in arms:
         workdir = os.path.join(out, "pretrain", arm)
-        timing[f"pretrain_{arm}_s"] = pretrain(pretrain_config(pretrain_base, scale, arm, data, folds), workdir)
+        config = pretrain_config(pretrain_base, scale, arm, data, folds, pretrain_seed)
+        timing[f"pretrain_{arm}_s"] = pretrain(config, workdir)
         inits[arm] = workdir
     for init_name, init in inits.items():
         stage = time.perf_counter()
@@ -272,7 +275,7 @@ def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any,
         timing[f"downstream_{init_name}_s"] = time.perf_counter() - stage
     timing["wall_s"] = time.perf_counter() - started
     settings = {"scale": scale_name, **dataclasses.asdict(scale), "cues": cues, "folds": folds, "seeds": seeds,
-                "arms": arms, "budgets": budgets, "ablation_budgets": ablation_budgets,
+                "arms": arms, "budgets": budgets, "ablation_budgets": ablation_budgets, "pretrain_seed": pretrain_seed,
                 "load_average_start": load_start, "load_average_end": load_average(), "cpu_count": os.cpu_count()}
     probes_by_arm = {arm: report.read_probe_curve(os.path.join(out, "pretrain", arm)) for arm in arms}
     return report.write(out, settings, timing, runs, probes_by_arm)
@@ -294,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation_budgets", default="",
                         help="label fractions the option arms run at (default: the smallest of --budgets)")
     parser.add_argument("--cues", default=None, help="lesion cue strengths (default: the scale's)")
+    parser.add_argument("--pretrain_seed", type=int, default=0,
+                        help="seed of every pretraining (model init, masks, data order); downstream seeds: --seeds")
     parser.add_argument("--scale_override", default="", help="numeric Scale fields, e.g. pretrain_steps=1000")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             "configs/finetune.py", "busbra")
         payload = run_study(args.out, args.scale, pretrain_base, finetune_base, list(range(1, args.folds + 1)),
                             parse_int_list(args.seeds, "seeds"), [a.strip() for a in args.arms.split(",")],
-                            budgets, args.cues, args.scale_override, ablation_budgets)
+                            budgets, args.cues, args.scale_override, ablation_budgets, args.pretrain_seed)
         print(payload["markdown"])
         return 0
 
