@@ -98,7 +98,8 @@ def test_non_binary_and_palette_masks(tmp_path):
     cv2.imwrite(os.path.join(base, "Masks", names[1]), blurred)
     out = str(tmp_path / "out")
     m = convert("busbra", str(raw), out)
-    items = {os.path.basename(i)[4:]: item for fold in range(1, 6) for i, item in records(out, "busbra", fold=fold).items()}
+    items = {os.path.basename(i)[4:]: item for fold in range(1, 6)
+             for i, item in records(out, "busbra", fold=fold).items()}
     np.testing.assert_array_equal(items[names[0][5:]]["mask"], np.eye(16, dtype=np.uint8))
     np.testing.assert_array_equal(items[names[1][5:]]["mask"], blurred == 255)
     assert [w for w in m["warnings"] if "thresholded" in w] == [
