@@ -172,7 +172,8 @@ def overlay_grid(images: Sequence[np.ndarray], truths: Sequence[np.ndarray], pre
         for class_map, colour in ((truth, (0, 200, 0)), (pred, (0, 0, 255))):
             _contours(canvas, cv2.resize(class_map.astype(np.uint8), (tile, tile),
                                          interpolation=cv2.INTER_NEAREST_EXACT), colour)
-        cv2.putText(canvas, caption[:28], (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.rectangle(canvas, (0, 0), (tile - 1, 15), (0, 0, 0), -1)
+        cv2.putText(canvas, caption[:28], (3, 11), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
         tiles.append(canvas)
     if not tiles:
         raise ValueError("no image to draw")
