@@ -63,6 +63,9 @@ def _summary(manifest: dict) -> str:
              f"{manifest['status']}, {manifest['records']} records, classes {manifest['class_names']}"]
     for fold, splits in manifest["counts"]["splits"].items():
         lines.append(f"  fold {fold}: " + ", ".join(f"{name} {n}" for name, n in splits.items()))
+    if manifest.get("masks"):
+        lines.append(f"  masks: {manifest['masks']['records_with_mask']} records with a mask, mask classes "
+                     f"{manifest['masks']['class_names']}")
     lines.append(f"  skipped {len(manifest['skipped'])} files, {len(manifest['warnings'])} warnings "
                  f"(all listed in manifest.json)")
     lines += [f"  warning: {w}" for w in manifest["warnings"][:20]]
