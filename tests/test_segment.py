@@ -153,6 +153,21 @@ def test_gist514_and_labelled_sets_load_for_segmentation(tmp_path):
         segdata.load_segmentation(str(tmp_path / "old"), "busbra")
 
 
+def test_a_validation_split_without_foreground_is_refused_before_compiling(tmp_path):
+    rows = ["path,label,mask,split"]
+    for i, split in enumerate(["train"] * 4 + ["validation"] * 2 + ["test"] * 2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((16, 16), 100 + i, np.uint8))
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:8, 4:8] = 255 if split != "validation" else 0
+        cv2.imwrite(str(tmp_path / f"{i}_m.png"), mask)
+        rows.append(f"{i}.png,a,{i}_m.png,{split}")
+    (tmp_path / "set.csv").write_text("\n".join(rows) + "\n")
+    convert("labelled", str(tmp_path / "set.csv"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"no validation mask of fold None has a foreground pixel"):
+        run(local_config(str(tmp_path / "out"), "labelled,runlocal"), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_from_a_pretraining_workdir_and_a_pth(bench, tmp_path):
     pre = str(tmp_path / "pretrain")
     run(pretrain_config.get_config("demo,runlocal"), pre)  # mu, 32 px, patch 8

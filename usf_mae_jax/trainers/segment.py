@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from usf_mae_jax.cli import ConfigError
+from usf_mae_jax.cli import ConfigError, DataError
 from usf_mae_jax.core import files, optim, sharding
 from usf_mae_jax.core.steps import StepPlan
 from usf_mae_jax.data import downstream
@@ -109,6 +109,9 @@ class SegmentTask(Task):
         self.mesh = mesh
         self.data = segdata.load_segmentation(config.input.data_dir, config.dataset, config.fold, config.subset,
                                               config.classes)
+        if not any(mask.any() for mask in self.data.splits["validation"].masks):
+            raise DataError(f"{self.data.version_dir}: no validation mask of fold {config.fold} has a foreground "
+                            "pixel, so validation Dice, which selects the tested state, is undefined")
         self.num_classes = len(self.data.mask_class_names)
         self.init = initialization.resolve_init(config)
         self.class_weights = parse_class_weights(config.loss.class_weights, self.num_classes)
