@@ -20,10 +20,12 @@ Preset arguments:
 `init` is a pretraining or fine-tuning workdir (read-only), an interop import directory or a PyTorch
 `.pth`/`.pt`/`.safetensors`; unset means random initialisation (logged as a warning).
 
-Recipe: the MAE paper's semantic-segmentation protocol (UperNet on ViT-B blocks 3, 5, 7, 11; 100 epochs at
-batch 16; layer decay 0.65; drop path 0.1; AdamW, weight decay 0.05) with BEiT's UperNet learning rate of 1e-4
-at batch 16 (blr 1.6e-3 per 256) and its head width, the encoder width (768 for ViT-B), both summarised in
-docs/segmentation.md. None of it is tuned for ultrasound; the 100 epochs suit the benchmarks' 0.4k-1.9k images.
+Recipe (docs/segmentation.md, "Loss and optimisation"): the MAE paper's semantic-segmentation protocol (UperNet
+following BEiT's code, 100 epochs at batch 16) with the values of mmsegmentation's MAE ViT-B UperNet config:
+blocks 3, 5, 7, 11, head width 768 (the encoder width), AdamW lr 1e-4 at batch 16 (blr 1.6e-3 per 256), betas
+(0.9, 0.999), weight decay 0.05, layer decay 0.65, drop path 0.1. That config warms up for 1500 iterations and
+decays polynomially; here warmup is 5 epochs and the decay cosine, as in fine-tuning. None of it is tuned for
+ultrasound; 100 epochs suit the benchmarks' 0.4k-1.9k images.
 """
 
 from __future__ import annotations
@@ -71,13 +73,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_epochs = 100.0  # MAE paper, ADE20K: 100 epochs
     c.warmup_epochs = 5.0
     c.eval_epochs = 1.0  # validation Dice after every epoch selects the tested state
-    c.batch_size = 16  # MAE / BEiT UperNet: batch 16
+    c.batch_size = 16  # MAE paper / mmsegmentation's MAE UperNet config: batch 16 (8 GPUs x 2)
     c.grad_accum_steps = 1
     c.eval_batch_size = 32
     c.model = common.model_block("base", 224)
     c.model.head = args.head
-    c.model.head_channels = 0  # UperNet width; 0 = the encoder width (BEiT's ViT-B setting, 768)
-    c.model.drop_path = 0.1  # MAE / BEiT UperNet ViT-B: drop path 0.1
+    c.model.head_channels = 0  # UperNet width; 0 = the encoder width (768 for ViT-B, as the MAE UperNet config)
+    c.model.drop_path = 0.1  # MAE UperNet ViT-B: drop path 0.1
     c.input = ml_collections.ConfigDict({
         "data_dir": "",  # the converter's --out_dir (or the benchmark's version folder itself)
         # joint (default): nearest resize, rotation, RandomResizedCrop and flip applied to image and mask alike
@@ -96,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = common.mesh_block()
     c.optimizer = ml_collections.ConfigDict({
         "name": "adamw",
-        "blr": 1.6e-3,  # lr = blr * batch / 256 = 1e-4 at batch 16 (BEiT's UperNet lr)
+        "blr": 1.6e-3,  # lr = blr * batch / 256 = 1e-4 at batch 16 (mmsegmentation's MAE UperNet lr)
         "lr": config_dict.placeholder(float),
         "lr_batch_denominator": 256,
         "b1": 0.9,
