@@ -301,9 +301,10 @@ def test_a_short_run_learns_more_than_the_all_foreground_baseline(tmp_path):
     assert max(e["dice"] for e in evaluations[1:]) > evaluations[0]["dice"]
 
 
-# Budget of the learning target, on the 2 shared CPU cores this project is developed on: see docs/segmentation.md
-# ("Measured") for the run this test reproduces and its wall time.
-LEARNING_BUDGET_S = 5400
+# Budget of the learning target on the 2 shared CPU cores this project is developed on: the run this test
+# reproduces took 3950 s wall (1240 steps of 16 at 128 px, 5.3 training images/s) at load average 7-10 and
+# reached test Dice 0.870 (docs/segmentation.md, "Measured"); the budget leaves room for a busier machine.
+LEARNING_BUDGET_S = 7200
 
 
 @pytest.mark.slow

@@ -89,6 +89,16 @@ def test_adaptive_pool_and_resize_match_torch():
         np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
+def test_deconv_is_torchs_transposed_convolution_with_kernel_and_stride_2():
+    deconv = seg.Deconv2x2(4, jnp.float32, nnx.Rngs(0))
+    deconv.bias[...] = jnp.arange(4.0)
+    x = np.random.default_rng(1).normal(size=(2, 3, 5, 4)).astype(np.float32)
+    theirs = torch.nn.functional.conv_transpose2d(
+        torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(np.asarray(deconv.kernel[...]).transpose(2, 3, 0, 1)),
+        torch.tensor(np.asarray(deconv.bias[...])), stride=2).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(deconv(jnp.asarray(x))), theirs, atol=1e-5)
+
+
 def test_train_mode_updates_batch_statistics_and_eval_mode_uses_them():
     model = seg.ViTSegmenter(SMALL, 2, nnx.Rngs(0), channels=8)
     images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))

@@ -100,18 +100,34 @@ class ConvModule(nnx.Module):
         return jax.nn.relu(self.bn(self.conv(x)))
 
 
-def _deconv(width: int, dtype, rngs: nnx.Rngs) -> nnx.ConvTranspose:
-    return nnx.ConvTranspose(width, width, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
-                             param_dtype=jnp.float32, rngs=rngs)
+class Deconv2x2(nnx.Module):
+    """ConvTranspose with kernel 2, stride 2 (torch's ConvTranspose2d(k=2, s=2)), written as one matmul.
+
+    Each input pixel becomes a 2x2 block: out[n, 2i + a, 2j + b] = x[n, i, j] @ kernel[a, b] + bias. The same
+    function as `lax.conv_transpose`, whose lowering on XLA:CPU ran the two deconvolutions of `fpn1` about
+    ten times slower than this matmul (docs/segmentation.md, "Measured").
+    """
+
+    def __init__(self, width: int, dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (2, 2, width, width), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        kernel = self.kernel[...].astype(self.dtype)
+        blocks = x.astype(self.dtype).reshape(-1, c) @ kernel.transpose(2, 0, 1, 3).reshape(c, -1)
+        out = blocks.reshape(n, h, w, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, -1)
+        return out + self.bias[...].astype(self.dtype)
 
 
 class Fpn1(nnx.Module):
     """x4: ConvTranspose -> BatchNorm -> GELU -> ConvTranspose (BEiT's `fpn1`)."""
 
     def __init__(self, width: int, dtype, rngs: nnx.Rngs):
-        self.deconv_0 = _deconv(width, dtype, rngs)
+        self.deconv_0 = Deconv2x2(width, dtype, rngs)
         self.bn = batch_norm(width, dtype, rngs)
-        self.deconv_1 = _deconv(width, dtype, rngs)
+        self.deconv_1 = Deconv2x2(width, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.deconv_1(vit.gelu(self.bn(self.deconv_0(x))))
@@ -121,7 +137,7 @@ class Fpn2(nnx.Module):
     """x2: one ConvTranspose (BEiT's `fpn2`)."""
 
     def __init__(self, width: int, dtype, rngs: nnx.Rngs):
-        self.deconv = _deconv(width, dtype, rngs)
+        self.deconv = Deconv2x2(width, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.deconv(x)
