@@ -85,12 +85,15 @@ def run() -> int:
     how = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     import jax
 
+    from usf_mae_jax import accelerators
     from usf_mae_jax.trainers import loop, registry
 
+    cache = accelerators.enable_compilation_cache()  # docs/accelerators.md
     workdir = FLAGS.workdir or os.path.join("runs", f"{config.task}_{config.get('preset', 'custom')}")
     if jax.process_index() == 0:
         logging.info("distributed: %s; %s", how, distributed.describe())
-        logging.info("%s", host_memory.status())
+        logging.info("%s; compilation cache: %s; step compile options: %s", host_memory.status(), cache,
+                     accelerators.compiler_options(jax.devices()[0].platform, jax.device_count()))
     task = registry.create(config)
     if FLAGS.print_sharding:
         print("\n".join(loop.sharding_report(config, task)))

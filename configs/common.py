@@ -60,7 +60,7 @@ def model_block(variant: str, img_size: int, **fields) -> ml_collections.ConfigD
         "norm_pix_loss": False,
         "mask_ratio": 0.75,
         "dtype": "float32",  # compute dtype; params and the loss stay float32
-        "attention": "xla",  # or "cudnn" (flash attention on NVIDIA GPUs)
+        "attention": "auto",  # auto | custom | xla | cudnn (usf_mae_jax/models/attention.py)
     })
     block.update(fields)
     return block
@@ -76,10 +76,10 @@ def input_block(**fields) -> ml_collections.ConfigDict:
         "channels": 0,  # host image channels: 0 = auto (3 if any dataset is colour, else 1), or force 1 / 3
         "synthetic_count": 1024,
         "synthetic_seed": 0,
-        "num_threads": 2,  # grain read threads per process
-        "prefetch_buffer": 64,
+        "num_threads": 0,  # threads building batches, per process; 0 = half the cores (pipeline.host_threads)
+        "prefetch_buffer": 0,  # host batches built ahead; 0 = two per thread
         "device_prefetch": 2,  # global batches already sent to the devices
-        "worker_processes": 0,  # 0 = threads in-process (best on small hosts, docs/jax_stack.md 2b)
+        "worker_processes": 0,  # 0 = threads in-process; a many-core host wants some (docs/data_pipeline.md)
         "max_corrupt_fraction": 0.01,
     })
     block.update(fields)

@@ -64,6 +64,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_ckpts = 3
     c.vis_steps = 1000  # every vis_steps a PNG grid: input | masked | reconstruction
     c.vis_count = 4
+    # Probes of the encoder during pretraining (usf_mae_jax/evaluators/probes.py): every eval_steps (and at
+    # step 0) ridge and k-NN probes on labelled sets, logged to TensorBoard and workdir/evals.jsonl.
+    c.evals = ml_collections.ConfigDict({
+        "sets": "",  # converted benchmarks under evals.data_dir: "busbra:1,gist514:0@raw"; '' = no probes
+        "data_dir": "",
+        "fit_split": "train",
+        "score_split": "validation",
+        "pool": "mean",  # mean of the patch tokens after norm | cls
+        "knn_k": 20,
+        "ridge_l2": 1e-3,
+        "batch_size": 128,
+    })
 
     if args.preset == "demo":
         c.model = common.model_block("tiny", 64, patch_size=8, depth=4, decoder_depth=1)

@@ -1,6 +1,6 @@
 """De-duplication and hold-outs: exact content hashes and perceptual hashes, within and across datasets.
 
-OpenUS-46 repeats itself (openus46.md, "Cross-dataset duplicates"): Fast-U-Net's HC half, the Ultrasound
+OpenUS-46 repeats itself (docs/openus46.md, "Cross-dataset duplicates"): Fast-U-Net's HC half, the Ultrasound
 Fetus Dataset and DFHI's "Diverse" images are HC18 images (resized or recoloured); DFHI's Trans-* planes
 come from FETAL_PLANES_DB; FH-PS-AOP was built from JNU-IFM. Inside datasets, consecutive video frames and
 copied folders repeat too. The authors' "every PNG under a folder" kept all of these, and let benchmark test
@@ -25,6 +25,11 @@ records in the dataset's manifest. Near-duplicate lookup uses multi-index hashin
 64 bits are cut into t + 1 bands and any two hashes within t bits agree on at least one whole band, so
 a lookup only compares against the hashes sharing a band (no quadratic scan over 370k images).
 
+Hashing is the expensive part (a pHash costs about as much as reading a frame), and the index lookups
+need one process that sees every example. So the hashes are computed where the frames are read: the writer
+runs `Deduplicator.fingerprinter()` in its worker processes and hands the resulting `Fingerprint` with each
+example to `check`, which then only looks hashes up.
+
 The three downstream benchmarks (BUS-BRA, MMOTU-2D, GIST514-DB) are held out of pretraining by default,
 as the paper does (`BENCHMARK_HOLDOUTS`).
 """
@@ -32,16 +37,18 @@ as the paper does (`BENCHMARK_HOLDOUTS`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 
 BENCHMARK_HOLDOUTS = ("bus_bra", "mmotu_2d", "gist514_db")
 
-# canonical dataset -> datasets holding copies of (part of) it (openus46.md, "Cross-dataset duplicates").
+# canonical dataset -> datasets holding copies of (part of) it (docs/openus46.md, "Cross-dataset duplicates").
 KNOWN_DUPLICATE_GROUPS = {
     "hc18": ("fast_u_net", "ultrasound_fetus", "dfhi"),
     "fetal_planes_db": ("dfhi",),
@@ -156,6 +163,19 @@ class HashList:
                 "phash": [f"{value:064x}" for value in self.phash]}
 
 
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What `Deduplicator.check` needs of an image: its content hash and, when asked for, its pHash."""
+
+    content: str
+    phash: int | None
+
+
+def fingerprint(image: np.ndarray, phash: bool = True) -> Fingerprint:
+    """The fingerprint of one image (top-level, so worker processes can run it)."""
+    return Fingerprint(content_hash(image), perceptual_hash(image) if phash else None)
+
+
 def hash_images(paths: list[str], name: str) -> HashList:
     """The hash list of image files (read like the converters read them)."""
     from data_prep.formats.image2d import read_image
@@ -209,10 +229,27 @@ class Deduplicator:
         self.kept: dict[str, list[list]] = {}
         self.removed: dict[str, list[dict]] = {}
 
-    def check(self, dataset: str, ref: str, image: np.ndarray) -> str | None:
-        """The reason to drop this image, or None after registering it as kept."""
-        digest = content_hash(image)
-        phash = perceptual_hash(image) if (self._phash is not None or len(self._holdout_phash)) else None
+    @property
+    def needs_phash(self) -> bool:
+        return self._phash is not None or len(self._holdout_phash) > 0
+
+    def fingerprinter(self) -> Callable[[np.ndarray], Fingerprint]:
+        """The picklable image -> `Fingerprint` function that `check` expects, for the writer's workers."""
+        return functools.partial(fingerprint, phash=self.needs_phash)
+
+    def check(self, dataset: str, ref: str, image: np.ndarray | None = None, *,
+              fingerprint: Fingerprint | None = None) -> str | None:
+        """The reason to drop this image, or None after registering it as kept.
+
+        Pass the image, or its `fingerprint` computed elsewhere by `fingerprinter()` (then the image is unused).
+        """
+        if fingerprint is None:
+            if image is None:
+                raise ValueError(f"{ref}: check needs the image or its fingerprint")
+            fingerprint = self.fingerprinter()(image)
+        elif self.needs_phash and fingerprint.phash is None:
+            raise ValueError(f"{ref}: this Deduplicator needs pHashes; compute fingerprints with fingerprinter()")
+        digest, phash = fingerprint.content, fingerprint.phash if self.needs_phash else None
         reason = None
         if digest in self._holdout_content:
             reason = f"held out: identical to an image of {self._holdout_content[digest]}"
@@ -235,10 +272,10 @@ class Deduplicator:
         self.kept.setdefault(dataset, []).append([ref, digest, None if phash is None else f"{phash:064x}"])
 
     def for_dataset(self, dataset: str):
-        """The writer's `dedup(example)` callable for one dataset."""
+        """The writer's `dedup(example)` callable for one dataset (uses `example.fingerprint` when set)."""
         def dedup(example) -> str | None:
             ref = f"{dataset}:{example.source}" + (f"#{example.frame}" if example.frame >= 0 else "")
-            return self.check(dataset, ref, example.image)
+            return self.check(dataset, ref, example.image, fingerprint=getattr(example, "fingerprint", None))
         return dedup
 
     def export(self, dataset: str) -> dict:

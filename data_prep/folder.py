@@ -87,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=writer.DEFAULT_RECORDS_PER_SHARD)
     parser.add_argument("--max_side", type=arguments.non_negative_int, default=512,
                         help="cap on the longest side, 0 = no cap")
+    parser.add_argument("--nearest_size", type=arguments.non_negative_int, default=writer.DEFAULT_NEAREST_SIZE,
+                        help="also store the nearest resize of each original to this square size, the usf_mae "
+                             "recipe's first step (0: none; docs/data_pipeline.md)")
     parser.add_argument("--overwrite", action="store_true", help="redo a dataset that is already finished")
     parser.add_argument("--no_progress", action="store_true")
 
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = writer.write_dataset(
         args.out_dir, args.name, tasks, _load_split, workers=args.workers,
         records_per_shard=args.records_per_shard, overwrite=args.overwrite, max_side=args.max_side,
-        progress=not args.no_progress, not_converted=left_out,
+        nearest_size=args.nearest_size, progress=not args.no_progress, not_converted=left_out,
         manifest_extra={"converter_version": CONVERTER_VERSION, "src": root, "include": args.include or [],
                         "exclude": args.exclude or [], "masks_excluded": not args.keep_masks})
     return report(manifest)

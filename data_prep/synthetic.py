@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=arguments.positive_int, default=os.cpu_count() or 1)
     parser.add_argument("--records_per_shard", type=arguments.positive_int,
                         default=writer.DEFAULT_RECORDS_PER_SHARD)
+    parser.add_argument("--nearest_size", type=arguments.non_negative_int, default=writer.DEFAULT_NEAREST_SIZE,
+                        help="also store the nearest resize of each image to this square size, the usf_mae "
+                             "recipe's first step (0: none; docs/data_pipeline.md)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
 
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = make_tasks(args.count, args.size, args.seed, args.lesion_fraction, args.val_fraction)
     manifest = writer.write_dataset(
         args.out_dir, args.name, tasks, load, workers=args.workers, records_per_shard=args.records_per_shard,
-        overwrite=args.overwrite, max_side=0, progress=not args.no_progress,
+        overwrite=args.overwrite, max_side=0, nearest_size=args.nearest_size, progress=not args.no_progress,
         manifest_extra={"converter_version": CONVERTER_VERSION, "licence": "none (generated)",
                         "generator": {"count": args.count, "size": args.size, "seed": args.seed,
                                       "lesion_fraction": args.lesion_fraction,

@@ -7,6 +7,13 @@ dataset as a list of picklable *tasks* (usually one raw file each) and a top-lev
 * runs `load` over the tasks in worker processes (a tqdm bar shows progress), validates each image, caps its
   longest side at `max_side` and encodes it with `usf_mae_jax.data.records.encode` inside the worker, where
   the PNG compression runs in parallel;
+* also writes, from the *original* image, its nearest-neighbour resize to `nearest_size` squared (224 by
+  default) as a second, aligned set of shards, `<split>.nearest224-NNNNN-of-NNNNN.array_record`, with raw
+  pixels: record i of both sets is the same example. The `usf_mae` recipe starts with exactly that resize
+  of the original frame, so training reads these ready-made pixels instead of decoding the larger frame,
+  and the `max_side` cap (an area downscale) never reaches them (docs/data_pipeline.md);
+* computes the dedup fingerprints (`fingerprint(image)`, e.g. `Deduplicator.fingerprinter()`) in the
+  workers too, so the main process only looks them up;
 * collects the results in task order in the main process, so the shards are identical for any number of
   workers, and applies the optional `dedup(example)` there (it sees every example, across workers);
 * records every input it could not use with the reason: `SkipFile` from a loader, any other exception (a
@@ -50,9 +57,9 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from usf_mae_jax.cli import ConfigError, DataError
-from usf_mae_jax.data import records
+from usf_mae_jax.data import augment, records
 
-WRITER_VERSION = "1.0"
+WRITER_VERSION = "1.1"  # 1.1: the nearest-resized variant shards, fingerprints in the workers
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".array_record"
 DEFAULT_RECORDS_PER_SHARD = 1024
@@ -61,13 +68,14 @@ DEFAULT_RECORDS_PER_SHARD = 1024
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 _SPLIT_PATTERN = re.compile(r"^[a-z0-9_]+$")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_SHARD_PATTERN = re.compile(r"^[a-z0-9_]+-\d{5}-of-\d{5}" + re.escape(SHARD_SUFFIX) + "$")
+_SHARD_PATTERN = re.compile(r"^[a-z0-9_]+(\.nearest\d+)?-\d{5}-of-\d{5}" + re.escape(SHARD_SUFFIX) + "$")
 _RESERVED_KEYS = frozenset({"dataset", "created", "writer_version", "record_format_version", "counts",
                             "total", "channels", "labels", "shards", "records_per_shard", "max_side",
-                            "inputs", "skipped", "dropped", "source_hashes", "content_sha256", "accounting",
-                            "not_converted"})
+                            "variants", "inputs", "skipped", "dropped", "source_hashes", "content_sha256",
+                            "accounting", "not_converted"})
 # I/O failures that array_record reports as RuntimeError text; turned back into OSErrors naming the file.
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+DEFAULT_NEAREST_SIZE = 224  # the USF-MAE recipe's first step: Resize((224, 224), NEAREST) of the original
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,7 @@ class Example:
     frame: int = -1
     label: int = -1
     split: str = "train"
+    fingerprint: Any = None  # set by the writer when write_dataset gets a `fingerprint` function
 
 
 class SkipFile(Exception):
@@ -93,6 +102,16 @@ class _Encoded:
     example: Example  # image dropped (None) unless the main process needs it for dedup
     record: bytes
     channels: int
+    nearest: bytes | None  # the nearest-resized variant's record, when one is written
+
+
+@dataclasses.dataclass(frozen=True)
+class _WorkerOptions:
+    dataset: str
+    max_side: int
+    nearest_size: int
+    keep_images: bool
+    fingerprint: Callable[[np.ndarray], Any] | None
 
 
 @dataclasses.dataclass
@@ -158,9 +177,10 @@ def _validate(example: Any) -> Example:
     return example
 
 
-def _process_task(job: tuple[Any, Callable, str, int, bool]) -> _TaskResult:
-    """Worker side: load one task, validate, cap and encode its examples. Never raises for a bad input."""
-    task, load, dataset, max_side, keep_images = job
+def _process_task(job: tuple[Any, Callable, _WorkerOptions]) -> _TaskResult:
+    """Worker side: load one task, validate, cap and encode its examples, fingerprint them. Never raises for a
+    bad input."""
+    task, load, options = job
     path = _task_path(task)
     try:
         examples = list(load(task))
@@ -176,16 +196,23 @@ def _process_task(job: tuple[Any, Callable, str, int, bool]) -> _TaskResult:
     for example in examples:
         try:
             example = _validate(example)
-            image = cap_longest_side(records.as_hwc(example.image), max_side)
-            record = records.encode(image, dataset=dataset, source=example.source, subject=example.subject,
-                                    frame=int(example.frame), label=int(example.label))
+            original = records.as_hwc(example.image)
+            image = cap_longest_side(original, options.max_side)
+            meta = {"dataset": options.dataset, "source": example.source, "subject": example.subject,
+                    "frame": int(example.frame), "label": int(example.label)}
+            record = records.encode(image, **meta)
+            nearest = None
+            if options.nearest_size > 0:
+                nearest = records.encode(augment.resize_nearest(original, options.nearest_size), codec="raw",
+                                         **meta)
+            fingerprint = options.fingerprint(image) if options.fingerprint is not None else None
         except ValueError as e:
             where = f"{getattr(example, 'source', '?')}#{getattr(example, 'frame', '?')}"
             skipped.append({"input": _describe(task), "example": where, "reason": str(e)})
             continue
-        kept = dataclasses.replace(example, image=image if keep_images else None,
-                                   frame=int(example.frame), label=int(example.label))
-        encoded.append(_Encoded(kept, record, image.shape[2]))
+        kept = dataclasses.replace(example, image=image if options.keep_images else None,
+                                   frame=int(example.frame), label=int(example.label), fingerprint=fingerprint)
+        encoded.append(_Encoded(kept, record, image.shape[2], nearest))
     file_hash = None
     if path is not None and encoded:
         try:
@@ -218,17 +245,18 @@ def writing(path: str | os.PathLike):
 
 
 class _ShardSequence:
-    """The shards of one split: filled in order, each written under a temporary name until finalised."""
+    """The shards of one split (or of one stored variant of a split, `prefix` 'train.nearest224'): filled in
+    order, each written under a temporary name until finalised."""
 
-    def __init__(self, folder: Path, split: str, records_per_shard: int):
-        self.folder, self.split, self.records_per_shard = folder, split, records_per_shard
+    def __init__(self, folder: Path, prefix: str, records_per_shard: int):
+        self.folder, self.prefix, self.records_per_shard = folder, prefix, records_per_shard
         self.completed: list[Path] = []
         self._writer: ArrayRecordWriter | None = None
         self._in_shard = 0
         self.count = 0
 
     def _temp_path(self, index: int) -> Path:
-        return self.folder / f".{self.split}-{index:05d}{SHARD_SUFFIX}.tmp"
+        return self.folder / f".{self.prefix}-{index:05d}{SHARD_SUFFIX}.tmp"
 
     def write(self, record: bytes) -> None:
         with writing(self._temp_path(len(self.completed))):
@@ -253,7 +281,7 @@ class _ShardSequence:
         self._close_current()
         names = []
         for index, temp in enumerate(self.completed):
-            name = f"{self.split}-{index:05d}-of-{len(self.completed):05d}{SHARD_SUFFIX}"
+            name = f"{self.prefix}-{index:05d}-of-{len(self.completed):05d}{SHARD_SUFFIX}"
             os.replace(temp, self.folder / name)
             names.append(name)
         return names
@@ -297,15 +325,20 @@ def _results(jobs: list, workers: int) -> Iterable[_TaskResult]:
 def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
                   load: Callable[[Any], Iterable], *, workers: int = 1,
                   records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, overwrite: bool = False,
-                  max_side: int = 512, dedup: Callable[[Example], str | None] | None = None,
+                  max_side: int = 512, nearest_size: int = DEFAULT_NEAREST_SIZE,
+                  dedup: Callable[[Example], str | None] | None = None,
+                  fingerprint: Callable[[np.ndarray], Any] | None = None,
                   manifest_extra: dict[str, Any] | None = None, progress: bool = True,
                   not_converted: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Converts `tasks` with `load` into the dataset folder `out_dir/name`; returns its manifest.
 
     `load(task)` must be a picklable top-level callable yielding `Example`s; it may raise `SkipFile(reason)`
     (or anything else) to skip the task, which is then listed in the manifest's `skipped` with the reason.
+    `nearest_size` > 0 also writes the nearest-resized variant (module docstring); 0 writes frames only.
     `dedup(example)`, if given, runs in the main process in task order and returns a reason to drop the
-    example or None. `manifest_extra` is merged into the manifest (e.g. the licence, or `converter_version`).
+    example or None. With `fingerprint` (a picklable function of the stored frame), the workers compute
+    `example.fingerprint` for it and the image itself is not sent back to the main process.
+    `manifest_extra` is merged into the manifest (e.g. the licence, or `converter_version`).
     `not_converted` maps a category (e.g. "excluded", "broken_symlink") to the files the converter found but
     left out; it is stored in the manifest and counted in its `accounting` (module docstring).
 
@@ -315,6 +348,8 @@ def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
     check_dataset_name(name)
     if records_per_shard <= 0:
         raise ConfigError(f"records_per_shard must be positive, got {records_per_shard}")
+    if nearest_size < 0:
+        raise ConfigError(f"nearest_size must be >= 0 (0: no nearest variant), got {nearest_size}")
     extra = dict(manifest_extra or {})
     clashes = sorted(_RESERVED_KEYS & extra.keys())
     if clashes:
@@ -331,8 +366,8 @@ def write_dataset(out_dir: str | os.PathLike, name: str, tasks: Sequence[Any],
     folder.mkdir(parents=True, exist_ok=True)
     _clear_outputs(folder)
     try:
-        manifest, converted = _convert(folder, name, tasks, load, workers, records_per_shard, max_side, dedup,
-                                       progress)
+        manifest, converted = _convert(folder, name, tasks, load, workers, records_per_shard, max_side,
+                                       nearest_size, dedup, fingerprint, progress)
         not_converted_count = sum(len(files) for files in left_out.values())
         manifest["inputs"] = len(tasks) + not_converted_count
         manifest["accounting"] = {"inputs": manifest["inputs"], "converted": converted,
@@ -364,12 +399,16 @@ def _no_record_error(name: str, tasks: list, skipped: list[dict[str, str]]) -> D
 
 
 def _convert(folder: Path, name: str, tasks: list, load: Callable[[Any], Iterable], workers: int,
-             records_per_shard: int, max_side: int, dedup: Callable[[Example], str | None] | None,
+             records_per_shard: int, max_side: int, nearest_size: int,
+             dedup: Callable[[Example], str | None] | None, fingerprint: Callable[[np.ndarray], Any] | None,
              progress: bool) -> tuple[dict, int]:
     """Runs the tasks and writes the shards; returns (the manifest without the caller's keys, the number of
     inputs that gave at least one record)."""
-    jobs = [(task, load, name, max_side, dedup is not None) for task in tasks]
+    options = _WorkerOptions(name, max_side, nearest_size, dedup is not None and fingerprint is None, fingerprint)
+    jobs = [(task, load, options) for task in tasks]
+    variant = f"nearest{nearest_size}"
     splits: dict[str, _ShardSequence] = {}
+    nearest_splits: dict[str, _ShardSequence] = {}
     skipped: list[dict[str, str]] = []
     dropped: list[dict[str, Any]] = []
     channels: Counter = Counter()
@@ -391,9 +430,15 @@ def _convert(folder: Path, name: str, tasks: list, load: Callable[[Any], Iterabl
                     continue
                 if example.split not in splits:
                     splits[example.split] = _ShardSequence(folder, example.split, records_per_shard)
+                    if item.nearest is not None:
+                        nearest_splits[example.split] = _ShardSequence(folder, f"{example.split}.{variant}",
+                                                                       records_per_shard)
                 splits[example.split].write(item.record)
                 written += 1
                 content.update(item.record)
+                if item.nearest is not None:
+                    nearest_splits[example.split].write(item.nearest)
+                    content.update(item.nearest)
                 channels[str(item.channels)] += 1
                 labels[example.split][str(example.label)] += 1
                 if result.file_hash is not None:
@@ -406,6 +451,7 @@ def _convert(folder: Path, name: str, tasks: list, load: Callable[[Any], Iterabl
         if not converted_inputs and not dropped:
             raise _no_record_error(name, tasks, skipped)
         shards = {split: sequence.finalize() for split, sequence in sorted(splits.items())}
+        nearest_shards = {split: sequence.finalize() for split, sequence in sorted(nearest_splits.items())}
     finally:
         bar.close()
 
@@ -424,6 +470,8 @@ def _convert(folder: Path, name: str, tasks: list, load: Callable[[Any], Iterabl
         "shards": shards,
         "records_per_shard": records_per_shard,
         "max_side": max_side,
+        "variants": {variant: {"resize": "nearest", "size": nearest_size, "codec": "raw", "shards": nearest_shards}}
+        if nearest_shards else {},
         "inputs": len(tasks),
         "skipped": skipped,
         "dropped": dropped,

@@ -1,7 +1,8 @@
 """Test-suite setup shared by every module.
 
 * A persistent XLA compilation cache under .pytest_cache, so the many tiny jitted steps compile once per
-  machine rather than once per test (compile time dominates these tests on 2 cores).
+  machine rather than once per test (compile time dominates these tests on 2 cores). Subprocesses get it
+  through USF_MAE_XLA_CACHE (usf_mae_jax/accelerators.py), so no test writes into the user's cache folder.
 * absl flags marked as parsed: grain's multiprocessing path reads absl flags (jax_stack.md 2b).
 * `run_python(code, devices=N)` runs a snippet in a fresh interpreter with N fake CPU devices, the way
   multi-device tests must run (XLA_FLAGS only takes effect before jax initialises).
@@ -22,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_DIR = os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache")
 
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+os.environ.setdefault("USF_MAE_XLA_CACHE", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 if not flags.FLAGS.is_parsed():

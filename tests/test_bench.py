@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 from usf_mae_jax import host_memory
+from usf_mae_jax.models import mae, vit
 
 
 @pytest.mark.parametrize("environ, glibc, thp, applies, reason", [
@@ -89,4 +90,9 @@ def test_benchmark_times_jax_and_the_torch_worker_in_turns():
     ratios = [float(r) for r in values["jax_over_torch_per_round"].split()]
     assert float(values["jax_over_torch"]) == pytest.approx(sum(ratios) / 2, rel=2e-3)  # median of two rounds
     assert values["host_malloc"].startswith("host malloc:")
-    assert int(values["params"]) > 0 and float(values["model_flops_per_image"]) > 0
+    assert int(values["params"]) > 0 and float(values["xla_flops_per_image"]) > 0
+    mu = vit.model_config("mu", img_size=32)  # --variant resets the size fields to the preset: patch 16
+    assert float(values["model_flops_per_image"]) == pytest.approx(mae.train_flops_per_image(mu, 0.75), rel=1e-5)
+    assert (values["attention"], values["encoder_kernel"], values["guard"]) == ("auto", "custom", "auto")
+    assert "mfu" not in values  # no peak for a CPU
+    assert values["compilation_cache"].startswith(os.environ["USF_MAE_XLA_CACHE"])

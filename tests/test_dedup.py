@@ -10,6 +10,7 @@ import pytest
 from data_prep.dedup import (
     BENCHMARK_HOLDOUTS,
     Deduplicator,
+    Fingerprint,
     HashList,
     PhashIndex,
     content_hash,
@@ -85,6 +86,22 @@ def test_deduplicator_reasons_and_export_restore():
     restored = Deduplicator()
     restored.restore("hc18", dedup.export("hc18"))
     assert restored.check("dfhi", "dfhi:x.png", image) == "exact duplicate of hc18:a.png"
+
+
+def test_fingerprints_computed_elsewhere_give_the_same_verdicts():
+    """The writer's workers run `fingerprinter()`; `check` with those fingerprints decides as with the images."""
+    image, other = smooth_image(8), smooth_image(9)
+    by_image, by_fingerprint = Deduplicator(), Deduplicator()
+    fingerprinter = by_fingerprint.fingerprinter()
+    assert fingerprinter(image) == Fingerprint(content_hash(image), perceptual_hash(image))
+    for ref, candidate in (("a", image), ("b", cv2.resize(image, (100, 70))), ("c", image), ("d", other)):
+        assert by_fingerprint.check("x", ref, fingerprint=fingerprinter(candidate)) == by_image.check("x", ref,
+                                                                                                     candidate)
+    assert by_fingerprint.export("x") == by_image.export("x")
+    exact_only = Deduplicator(phash_threshold=None)
+    assert exact_only.fingerprinter()(image).phash is None  # no pHash work when nothing uses it
+    with pytest.raises(ValueError, match="needs pHashes"):
+        Deduplicator().check("x", "e", fingerprint=exact_only.fingerprinter()(image))
 
 
 def test_exact_only_mode_keeps_near_duplicates():

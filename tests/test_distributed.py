@@ -214,3 +214,29 @@ def test_kill_during_async_save_resumes_from_a_complete_checkpoint(tmp_path):
     assert resumed.returncode == 0, output[-3000:]
     assert "resumed from step" in output
     _assert_same_params(_final_params(workdir), _final_params(tmp_path / "reference"))
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+    ({"SLURM_NTASKS": "16"}, None),  # not inside a job
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, "tpu_pod"),
+    ({"TPU_WORKER_HOSTNAMES": "a"}, None),
+    ({}, None),
+])
+def test_multi_process_environments_are_detected(env, expected):
+    from usf_mae_jax import distributed
+
+    assert distributed.detected_environment(env) == expected
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"CUDA_VISIBLE_DEVICES": "5"}, [0]),  # SLURM bound this task to one GPU: it is local device 0
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, None),  # all visible: JAX takes GPU SLURM_LOCALID
+    ({}, None),
+    ({"CUDA_VISIBLE_DEVICES": "5", "JAX_LOCAL_DEVICE_IDS": "0"}, None),  # given explicitly: JAX reads it
+])
+def test_one_process_per_gpu_under_slurm_picks_its_gpu(env, expected):
+    from usf_mae_jax import distributed
+
+    assert distributed.slurm_local_device_ids(env) == expected

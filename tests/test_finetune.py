@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import read_text
+from helpers import converted_busbra, read_text, set_fields
 
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
-from data_prep.benchmarks import convert, load_split, mock
+from data_prep.benchmarks import load_split
 from usf_mae_jax.core import checkpoint
 from usf_mae_jax.data import downstream
 from usf_mae_jax.evaluators import metrics
@@ -38,22 +38,13 @@ def run(config, workdir):
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("busbra")
-    mock.write_busbra_tree(str(root / "raw"), patients=12, size=32, seed=1)
-    convert("busbra", str(root / "raw"), str(root / "out"))
-    return str(root / "out")
+    return converted_busbra(tmp_path_factory.mktemp("busbra"), patients=12, size=32, seed=1)
 
 
 def local_config(data_dir: str, arg: str = "busbra,runlocal", **fields):
     config = finetune_config.get_config(arg)
     config.input.data_dir = data_dir
-    for key, value in fields.items():
-        node = config
-        *path, last = key.split("__")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return config
+    return set_fields(config, fields, "__")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -308,10 +299,7 @@ SMOKE_MODEL = dict(variant="mu", img_size=64, patch_size=8, width=64, heads=4, d
 @pytest.fixture(scope="module")
 def lesion_bench(tmp_path_factory):
     """600 patients (~900 images) at 64 px: lesions are a few patches wide, as at 224 px in real data."""
-    root = tmp_path_factory.mktemp("lesions")
-    mock.write_busbra_tree(str(root / "raw"), patients=600, size=64, seed=0)
-    convert("busbra", str(root / "raw"), str(root / "out"))
-    return str(root / "out")
+    return converted_busbra(tmp_path_factory.mktemp("lesions"), patients=600, size=64, seed=0)
 
 
 @pytest.fixture(scope="module")

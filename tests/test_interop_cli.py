@@ -173,3 +173,36 @@ def test_export_on_a_full_disk_leaves_no_file(tmp_path, checkpoint, monkeypatch,
         "python -m usf_mae_jax.interop export: No space left on device (the disk is full: free space or choose "
         f"another output folder): {tmp_path / '.x.safetensors.tmp'}")
     assert os.listdir(tmp_path) == []
+
+
+def test_export_of_a_pretraining_workdir_loads_into_a_timm_layout_vit(tmp_path, capsys):
+    """The workdir is the main thing a user exports: read-only, its newest or a chosen step."""
+    from configs import pretrain as pretrain_configs
+    from usf_mae_jax.core import checkpoint as ckpt
+    from usf_mae_jax.torch_reference import TimmStyleViT
+    from usf_mae_jax.trainers import loop
+    from usf_mae_jax.trainers.pretrain import PretrainTask
+
+    config = pretrain_configs.get_config("demo,runlocal")  # mu: width 32, 1 block, 2 heads, 32 px, patch 8
+    workdir = str(tmp_path / "pretrain")
+    loop.run(config, workdir, PretrainTask(config))
+    listing = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    out = tmp_path / "vit.safetensors"
+    assert cli.main(["export", "--checkpoint", workdir, "--out", str(out), "--format", "timm_vit"]) == 0
+    assert "exported" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == listing  # nothing written to the workdir
+    tensors, _ = torch_pickle.read_safetensors(str(out))
+    vit = TimmStyleViT(32, 8, 3, 32, 1, 2).eval()
+    vit.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}, strict=True)
+    params, _ = ckpt.load_params(workdir)
+    np.testing.assert_array_equal(tensors["blocks.0.attn.qkv.weight"], params["blocks_0"]["attn"]["qkv"]["kernel"].T)
+
+    older = tmp_path / "step2.safetensors"
+    assert cli.main(["export", "--checkpoint", workdir, "--out", str(older), "--step", "2"]) == 0
+    step2, _ = ckpt.read_workdir_params(workdir, step=2)
+    exported_2, _ = torch_pickle.read_safetensors(str(older))
+    np.testing.assert_array_equal(exported_2["decoder_pred.weight"], step2["decoder_pred"]["kernel"].T)
+    capsys.readouterr()
+    assert cli.main(["export", "--checkpoint", workdir, "--out", str(tmp_path / "s3.safetensors"), "--step", "3"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"python -m usf_mae_jax.interop export: {workdir} has no checkpoint of step 3; it has steps [2, 4]")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import toy_task
 from conftest import CACHE_DIR, ROOT
-from helpers import assert_trees_equal, read_json, read_text
+from helpers import assert_trees_equal, data_dependent_conditionals, read_json, read_text
 
 from usf_mae_jax.core import checkpoint
 from usf_mae_jax.trainers import loop
@@ -66,6 +66,11 @@ def test_resume_after_a_crash_is_exact(reference, tmp_path):
     assert_trees_equal(resumed["state"]["extra"], uninterrupted["state"]["extra"])
     np.testing.assert_array_equal(resumed["losses"], uninterrupted["losses"][8:])
     assert resumed["results"] == uninterrupted["results"]  # the best (step 8) survived in the checkpoint
+    # evals.jsonl holds each evaluation once, as the checkpoint's record says, even after the crash.
+    with open(os.path.join(workdir, "evals.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert lines == read_json(os.path.join(workdir, "history.json"))["evaluations"]
+    assert [e["step"] for e in lines] == [4, 8, 12]
 
 
 def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference, tmp_path, monkeypatch):
@@ -127,13 +132,18 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     assert np.all(np.isfinite(params["w"]))
 
 
-def test_the_guard_leaves_params_optimizer_and_extra_state_unchanged():
-    config = toy_task.toy_config(poison_step=1)
+def toy_setup(guard: str, **overrides):
+    config = toy_task.toy_config(**overrides)
     task = toy_task.ToyTask(config)
     mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     task.prepare(mesh, "")
-    setup = loop.build(config, task, mesh)
+    return task, loop.build(config, task, mesh, guard=guard)
+
+
+@pytest.mark.parametrize("guard", loop.GUARDS)
+def test_the_guard_leaves_params_optimizer_and_extra_state_unchanged(guard):
+    task, setup = toy_setup(guard, poison_step=1)
     batch = {"x": task.x[:8], "y": task.y[:8]}
     first, metrics = setup.train_step(setup.init(), batch)  # step 0: finite
     assert not bool(metrics["nonfinite"])
@@ -142,6 +152,25 @@ def test_the_guard_leaves_params_optimizer_and_extra_state_unchanged():
     assert bool(metrics["nonfinite"]) and int(second["step"]) == 2
     for name in ("params", "opt_state", "extra"):
         assert_trees_equal(second[name], snapshot[name])
+
+
+@pytest.mark.parametrize("guard, on_cpu, elsewhere", [("auto", 1, 0), ("cond", 1, 1), ("select", 0, 0)])
+def test_the_guard_is_a_conditional_on_the_cpu_and_a_select_elsewhere(guard, on_cpu, elsewhere):
+    """'auto' keeps the CPU's in-place conditional and gives GPUs and TPUs a select, so that XLA:GPU never waits
+    on the host for a predicate; the compiled CPU program keeps the conditional."""
+    _, setup = toy_setup(guard)
+    batch = {"x": jax.ShapeDtypeStruct((8, toy_task.FEATURES), np.float32),
+             "y": jax.ShapeDtypeStruct((8,), np.float32)}
+    traced = setup.train_step.trace(setup.abstract_state, batch)
+    counts = {platform: data_dependent_conditionals(traced.lower(lowering_platforms=(platform,)).as_text())
+              for platform in ("cpu", "cuda", "tpu")}
+    assert counts == {"cpu": on_cpu, "cuda": elsewhere, "tpu": elsewhere}
+    assert traced.lower().compile().as_text().count(" conditional(") == on_cpu
+
+
+def test_an_unknown_guard_is_refused():
+    with pytest.raises(ValueError, match="guard must be one of"):
+        toy_setup("maybe")
 
 
 def test_config_errors_come_before_anything_is_written(tmp_path):

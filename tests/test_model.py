@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jax_core
 
 from usf_mae_jax.models import mae, pos_embed, vit
 
@@ -73,14 +74,38 @@ def test_random_masking_with_given_noise():
     tokens = jnp.arange(2 * 8 * 1, dtype=jnp.float32).reshape(2, 8, 1)
     noise = jnp.asarray([[0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4],
                          [0.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]])
-    kept, mask, restore = mae.random_masking(tokens, 0.75, noise)
+    masking = mae.random_masking(noise, 0.75)
+    kept = mae.take_rows(tokens, masking.ids_keep, masking.ids_restore)
     assert kept.shape == (2, 2, 1)  # int(8 * 0.25) = 2
     np.testing.assert_array_equal(kept[0, :, 0], [1.0, 5.0])  # smallest noise first: ids 1, 5
     np.testing.assert_array_equal(kept[1, :, 0], [8.0, 15.0])  # ids 0, 7 of sample 1
-    np.testing.assert_array_equal(mask[0], [1, 0, 1, 1, 1, 0, 1, 1])
-    np.testing.assert_array_equal(mask[1], [0, 1, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(masking.mask[0], [1, 0, 1, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(masking.mask[1], [0, 1, 1, 1, 1, 1, 1, 0])
     shuffle = np.argsort(np.asarray(noise), axis=1)
-    np.testing.assert_array_equal(np.take_along_axis(shuffle, np.asarray(restore), 1), np.tile(np.arange(8), (2, 1)))
+    np.testing.assert_array_equal(masking.ids_shuffle, shuffle)
+    np.testing.assert_array_equal(np.take_along_axis(shuffle, np.asarray(masking.ids_restore), 1),
+                                  np.tile(np.arange(8), (2, 1)))
+
+
+@pytest.mark.parametrize("keep", [5, 16])
+def test_take_rows_gradient_is_autodiffs_and_has_no_scatter(keep):
+    """Keeping rows (keep < L) and un-shuffling (keep == L): the hand-written gradient, a gather by the inverse
+    permutation, equals autodiff's scatter-add."""
+    masking = mae.random_masking(jax.random.uniform(jax.random.key(0), (3, 16)), 1 - keep / 16)
+    ids, inverse = (masking.ids_keep, masking.ids_restore) if keep < 16 else (masking.ids_restore,
+                                                                                masking.ids_shuffle)
+    x = jax.random.normal(jax.random.key(1), (3, 16, 4))
+    weights = jax.random.normal(jax.random.key(2), (3, keep, 4))
+
+    def ours(x):
+        return jnp.sum(mae.take_rows(x, ids, inverse) * weights)
+
+    def autodiff(x):
+        return jnp.sum(jnp.take_along_axis(x, ids[:, :, None], axis=1) * weights)
+
+    np.testing.assert_array_equal(jax.grad(ours)(x), jax.grad(autodiff)(x))
+    assert "scatter" in jax.jit(jax.grad(autodiff)).lower(x).as_text()
+    assert "scatter" not in jax.jit(jax.grad(ours)).lower(x).as_text()
 
 
 def test_len_keep_is_a_floor():
@@ -213,18 +238,46 @@ def test_forward_patches_is_the_image_forward_and_checks_shapes():
         model.forward_patches(jnp.zeros((2, 16, 16)), 0.75, noise=noise)
 
 
-@pytest.mark.parametrize("tokens", [50, vit.PIN_TRANSPOSED_GRADS_MIN_TOKENS + 69])
-def test_hand_written_attention_gradient_equals_autodiff(tokens):
-    rng = np.random.default_rng(tokens)
-    q, k, v, d_out = (jnp.asarray(rng.standard_normal((2, 3, tokens, 8), np.float32)) for _ in range(4))
+def dot_flops(jaxpr) -> int:
+    """2 x multiply-adds of every dot_general in a jaxpr, sub-jaxprs (custom_vjp, pjit, cond) included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            lhs, rhs = (np.asarray(v.aval.shape, np.int64) for v in eqn.invars[:2])
+            shared = int(np.prod(lhs[list(lhs_contract)])) * int(np.prod(lhs[list(lhs_batch)]))
+            total += 2 * int(np.prod(lhs)) * int(np.prod(rhs)) // shared
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    total += dot_flops(sub.jaxpr)
+                elif isinstance(sub, jax_core.Jaxpr):
+                    total += dot_flops(sub)
+    return total
 
-    def plain(q, k, v):
-        return jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2), axis=-1) @ v
 
-    out, vjp = jax.vjp(vit.softmax_attention, q, k, v)
-    expected_out, expected_vjp = jax.vjp(plain, q, k, v)
-    np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-6)
-    for name, got, expected in zip("qkv", vjp(d_out), expected_vjp(d_out)):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
-    lowered = jax.jit(lambda *a: vjp(d_out)).lower(q, k, v).as_text()
-    assert ("optimization_barrier" in lowered) == (tokens >= vit.PIN_TRANSPOSED_GRADS_MIN_TOKENS)
+def test_train_flops_of_vit_b_mae():
+    assert mae.train_flops_per_image(vit.model_config("base"), 0.75) == 3 * 19_388_858_368  # 58.2 GFLOP
+
+
+@pytest.mark.parametrize("variant, overrides, ratio", [
+    ("mu", dict(img_size=32, patch_size=8), 0.75),
+    ("mu", dict(img_size=48, patch_size=8, depth=2, decoder_depth=3, mlp_ratio=2.0), 0.5),
+    ("tiny", dict(img_size=64, patch_size=16, decoder_width=64, in_chans=1), 0.9),
+])
+def test_train_flops_formula_counts_the_models_matmuls(variant, overrides, ratio):
+    """The formula against the matmuls the model actually traces: the forward's, and the gradient's, which has
+    two per forward matmul except the patch embedding's input gradient (pixels are not differentiated)."""
+    config = vit.model_config(variant, **overrides)
+    graphdef, params = nnx.split(mae.MaskedAutoencoder(config, rngs=nnx.Rngs(0)))
+    patches = jnp.zeros((1, config.num_patches, config.patch_size**2 * config.in_chans))
+    noise = jax.random.uniform(jax.random.key(0), (1, config.num_patches))
+
+    def loss(params):
+        return nnx.merge(graphdef, params).forward_patches(patches, ratio, noise=noise)[0]
+
+    expected = mae.train_flops_per_image(config, ratio)
+    forward = dot_flops(jax.make_jaxpr(loss)(params).jaxpr)
+    assert 3 * forward == expected
+    patch_input_gradient = 2 * mae.num_kept(config.num_patches, ratio) * patches.shape[-1] * config.width
+    assert dot_flops(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr) == expected - patch_input_gradient

@@ -22,9 +22,11 @@ from usf_mae_jax.data import records
 
 
 def read_records(out_dir: str, key: str) -> list[dict]:
-    """Every record of OUT/<key>/ decoded (image included), in shard order."""
+    """Every record of OUT/<key>/ decoded (image included), in shard order (the frames, not the stored
+    nearest-resized variant, which holds the same records)."""
     decoded = []
-    for shard in sorted(glob.glob(os.path.join(out_dir, key, "*.array_record"))):
+    shards = glob.glob(os.path.join(out_dir, key, "*.array_record"))
+    for shard in sorted(s for s in shards if ".nearest" not in os.path.basename(s)):
         reader = ArrayRecordReader(shard)
         decoded += [records.decode(r) for r in reader.read_all()]
         reader.close()

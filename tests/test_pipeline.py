@@ -1,6 +1,7 @@
 """Grain pipeline: mixing, epoch shuffles, host sharding, determinism, exact resume through Orbax, corrupt data."""
 
 import logging
+import re
 
 import grain
 import jax
@@ -10,9 +11,11 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 from ml_collections import ConfigDict
+from PIL import Image
 
 from data_prep import writer
-from usf_mae_jax.data import pipeline
+from usf_mae_jax.core import checkpoint
+from usf_mae_jax.data import augment, pipeline
 
 SIDE = 8
 
@@ -32,8 +35,8 @@ def _dataset(root, name, values, channels=1, per_shard=5):
     return root / name
 
 
-def _config(data_dirs, **overrides):
-    cfg = ConfigDict({"source": "shards", "data_dir": str(data_dirs), "weights": "", "augment": "none",
+def _config(data_dir, **overrides):
+    cfg = ConfigDict({"source": "shards", "data_dir": str(data_dir), "weights": "", "augment": "none",
                       "synthetic_count": 16, "synthetic_seed": 0, "num_threads": 2, "prefetch_buffer": 8,
                       "device_prefetch": 2, "worker_processes": 0, "max_corrupt_fraction": 0.01})
     cfg.update(overrides)
@@ -135,14 +138,16 @@ def test_colour_datasets_make_three_channel_batches(tmp_path):
     assert gray["image"].shape == (20, SIDE, SIDE, 1)
 
 
-def test_exact_resume_through_orbax(tmp_path):
+def _resumable(tmp_path):
+    """(config, fresh): a 23-record dataset and a function making the same pretraining iterator over it."""
     _dataset(tmp_path, "a", range(23))
     cfg = _config(tmp_path / "a", augment="usf_mae")
     mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
+    return cfg, lambda: pipeline.make_pretrain_iterator(cfg, global_batch_size=4, img_size=16, seed=5, mesh=mesh)
 
-    def fresh():
-        return pipeline.make_pretrain_iterator(cfg, global_batch_size=4, img_size=16, seed=5, mesh=mesh)
 
+def test_exact_resume_through_orbax(tmp_path):
+    _, fresh = _resumable(tmp_path)
     reference = fresh()
     expected = [np.asarray(next(reference)["image"]) for _ in range(9)]
 
@@ -153,7 +158,7 @@ def test_exact_resume_through_orbax(tmp_path):
     state = {"w": jnp.arange(3.0)}
     manager.save(4, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(pipeline.FrozenIteratorState(interrupted.get_state()))))
+        data_iter=grain.checkpoint.CheckpointSave(checkpoint.FrozenIteratorState(interrupted.get_state()))))
     manager.wait_until_finished()
     next(interrupted)  # the killed run went a bit further before dying
 
@@ -166,8 +171,24 @@ def test_exact_resume_through_orbax(tmp_path):
         np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), expected[step])
 
 
+def test_iterator_states_from_before_batch_elements_resume_at_the_same_batch(tmp_path, caplog):
+    """States saved when grain's elements were records (and the key was data_dirs) count records: 12
+    records of batches of 4 is batch 3."""
+    cfg, fresh = _resumable(tmp_path)
+    reference = fresh()
+    expected = [np.asarray(next(reference)["image"]) for _ in range(5)]
+    old_description = {("data_dirs" if k == "data_dir" else k): v
+                       for k, v in pipeline.describe(cfg, 16, 5).items()}
+    resumed = fresh()
+    with caplog.at_level(logging.WARNING, logger="usf_mae_jax.data.pipeline"):
+        resumed.set_state({"grain": {"next_index": 12}, "pipeline": old_description})
+    assert "different configuration" not in caplog.text
+    np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), expected[3])
+
+
 def _corrupt_some(folder, bad_positions, keep_header):
-    """Rewrites the dataset's single shard with the records at `bad_positions` damaged."""
+    """Rewrites the dataset's single shard with the records at `bad_positions` damaged (a readable record whose
+    image does not decode, or garbage bytes)."""
     manifest = writer.read_manifest(folder)
     path = str(folder / manifest["shards"]["train"][0])
     good = grain.sources.ArrayRecordDataSource([path])
@@ -180,32 +201,89 @@ def _corrupt_some(folder, bad_positions, keep_header):
     out.close()
 
 
-def test_corrupt_records_are_logged_and_skipped(tmp_path, caplog):
+def test_undecodable_records_are_logged_and_replaced(tmp_path, caplog):
     folder = _dataset(tmp_path, "damaged", range(40), per_shard=100)
     _corrupt_some(folder, [3], keep_header=True)
     cfg = _config(folder, max_corrupt_fraction=0.05)
     with caplog.at_level(logging.WARNING, logger="usf_mae_jax.data.pipeline"):
         values = _values(_take(pipeline.build_host_dataset(cfg, batch_size=13, img_size=SIDE, seed=0), 3))
-    assert sorted(values) == [v for v in range(40) if v != 3]  # one epoch minus the bad record
-    assert "corrupt record skipped" in caplog.text and "damaged/img3.png" in caplog.text
+    # The first 39 slots of the epoch: the bad record's slot holds the dataset's next record instead.
+    assert 3 not in values and len(values) == 39 and len(set(values)) == 38
+    assert "corrupt record skipped" in caplog.text and "train-00000-of-00001.array_record record 3 " in caplog.text
+    assert "(damaged/img3.png)" in caplog.text and "does not decode" in caplog.text
 
 
 def test_too_many_corrupt_records_fail_loudly(tmp_path):
     folder = _dataset(tmp_path, "rotten", range(40), per_shard=100)
     _corrupt_some(folder, range(0, 40, 4), keep_header=False)
     stream = pipeline.build_host_dataset(_config(folder), batch_size=10, img_size=SIDE, seed=0)
-    with pytest.raises(RuntimeError, match=r"records read are corrupt, more than input\.max_corrupt_fraction"):
+    with pytest.raises(RuntimeError, match=r"records read are corrupt, more than input\.max_corrupt_fraction") as info:
         _take(stream, 30)
+    # Garbage bytes have no header; the stored nearest variant's record names the source.
+    assert re.search(r"train-00000-of-00001\.array_record record (\d+) \(rotten/img\1\.png\): 7-byte record is",
+                     str(info.value))
 
 
-def test_missing_or_unfinished_data_dirs_are_clear_errors(tmp_path):
+# (width, height, channels) of real frame sizes: all larger than the converter's default 512-px cap.
+FIDELITY_FRAMES = [(640, 480, 1), (600, 800, 1), (1000, 800, 1), (1200, 900, 3)]
+
+
+def load_frame(task):
+    """Task i -> noise of FIDELITY_FRAMES[i] (every pixel differs, so any smoothing shows)."""
+    width, height, channels = FIDELITY_FRAMES[task]
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    yield writer.Example(image=np.random.default_rng(task).integers(0, 256, shape, dtype=np.uint8),
+                         source=f"frame{task}.png")
+
+
+def _authors_nearest(task):
+    """What the authors' loader has after step 1: PIL's Resize((224, 224), NEAREST) of the original, in RGB."""
+    original = next(load_frame(task)).image
+    resized = np.asarray(Image.fromarray(original).convert("RGB").resize((224, 224), Image.NEAREST))
+    return resized
+
+
+@pytest.mark.parametrize("preset", ["eval", "usf_mae"])
+def test_usf_mae_pixels_are_the_authors_nearest_resize_of_the_original(tmp_path, preset):
+    """Converted with the defaults (frames capped at 512 px), the usf_mae and eval presets still start from the
+    nearest 224 resize of the ORIGINAL frame: the eval batch equals PIL's resize exactly, and the usf_mae batch
+    equals the rest of the recipe applied to it with the record's own generator."""
+    writer.write_dataset(tmp_path, "frames", list(range(len(FIDELITY_FRAMES))), load_frame, progress=False)
+    cfg = _config(tmp_path / "frames", augment=preset)
+    batch = _take(pipeline.build_host_dataset(cfg, batch_size=4, img_size=224, seed=11), 1)[0]["image"]
+    assert batch.shape == (4, 224, 224, 3)  # one colour dataset makes every batch RGB
+    order = pipeline.MixtureSource([range(4)], np.ones(1), seed=11)
+    for slot in range(4):
+        _, epoch, index = order.locate(slot)
+        expected = _authors_nearest(index)
+        if preset == "usf_mae":
+            expected = augment.make_augment("usf_mae", 224)(expected, np.random.default_rng([11, 0, epoch, index]))
+        np.testing.assert_array_equal(batch[slot], expected)
+
+
+def test_mae_reads_the_frames_and_old_shards_fall_back_with_a_warning(tmp_path, caplog):
+    writer.write_dataset(tmp_path, "old", list(range(4)), load_frame, progress=False, nearest_size=0)
+    info = pipeline.find_datasets(str(tmp_path / "old"))[0]
+    assert info.nearest == {} and info.max_side == 512
+    mae = _take(pipeline.build_host_dataset(_config(tmp_path / "old", augment="mae"), batch_size=4, img_size=32,
+                                            seed=0), 1)[0]["image"]
+    assert mae.shape == (4, 32, 32, 3)
+    with caplog.at_level(logging.WARNING, logger="usf_mae_jax.data.pipeline"):
+        batch = _take(pipeline.build_host_dataset(_config(tmp_path / "old", augment="eval"), batch_size=4,
+                                                  img_size=224, seed=0), 1)[0]["image"]
+    assert "no stored nearest224 variant" in caplog.text and "max_side=512" in caplog.text
+    index = pipeline.MixtureSource([range(4)], np.ones(1), seed=0).locate(0)[2]
+    assert not np.array_equal(batch[0], _authors_nearest(index))  # resized from the capped frame: not exact
+
+
+def test_missing_or_unfinished_data_dir_are_clear_errors(tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / ".train-00000.array_record.tmp").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no finished dataset"):
         pipeline.find_datasets(str(tmp_path / "half"))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         pipeline.find_datasets(str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="data_dirs is empty"):
+    with pytest.raises(ValueError, match=r"input\.data_dir is empty"):
         pipeline.find_datasets(" , ")
 
 
@@ -220,7 +298,7 @@ def test_worker_processes_match_threads(tmp_path):
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (jax_stack.md 2b)
+        flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (docs/jax_stack.md 2b)
     _dataset(tmp_path, "a", range(20))
     threads = _take(pipeline.build_host_dataset(_config(tmp_path / "a"), batch_size=4, img_size=SIDE, seed=2), 4)
     stream = pipeline.build_host_dataset(_config(tmp_path / "a", worker_processes=1), batch_size=4,
@@ -231,12 +309,9 @@ def test_worker_processes_match_threads(tmp_path):
     assert _values(processes) == _values(threads)
 
 
-def test_bench_prints_images_per_s_last(tmp_path, capsys):
-    from usf_mae_jax.data import bench
-
-    _dataset(tmp_path, "a", range(12))
-    assert bench.main(["--data_dir", str(tmp_path), "--augment", "usf_mae", "--batch_size", "4", "--steps", "2",
-                       "--img_size", "16", "--threads", "1", "--baseline", "pil"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("images_per_s=") and float(lines[-1].split("=")[1]) > 0
-    assert any(line.startswith("ratio grain / pil = ") for line in lines)
+def test_thread_defaults(monkeypatch):
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert pipeline.host_threads(_config("", num_threads=0)) == 4  # in-process: half, the GIL is shared
+    assert pipeline.host_threads(_config("", num_threads=0, worker_processes=3)) == 2
+    assert pipeline.host_threads(_config("", num_threads=0, worker_processes=16)) == 1
+    assert pipeline.host_threads(_config("", num_threads=5, worker_processes=3)) == 5

@@ -15,7 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import assert_trees_equal, pretrain_setup
+from helpers import assert_trees_equal, pretrain_setup, set_fields
 
 from configs import pretrain as pretrain_configs
 from usf_mae_jax.cli import ConfigError
@@ -29,13 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(**overrides):
     config = pretrain_configs.get_config("demo,runlocal")
     config.total_steps, config.ckpt_steps, config.vis_steps, config.log_steps = 6, 2, 0, 100
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return set_fields(config, overrides)
 
 
 def params_of(summary):
@@ -210,11 +204,11 @@ def test_init_from_a_torch_checkpoint_loads_weights_only(tmp_path):
     assert os.path.exists(tmp_path / "partial" / "vis" / "step_0000001.png")
 
 
-def demo_train_setup():
+def demo_train_setup(**build_options):
     """The demo model's train setup on one device: (setup, model_config)."""
     config = pretrain_configs.get_config("demo,runlocal")
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    return pretrain_setup(config, mesh), vit.config_from_block(config.model)
+    return pretrain_setup(config, mesh, **build_options), vit.config_from_block(config.model)
 
 
 def test_train_step_rejects_images_of_the_wrong_size_while_tracing():
@@ -248,3 +242,34 @@ def test_a_non_finite_step_leaves_params_and_optimizer_state_unchanged():
     assert int(kept["step"]) == 2
     assert_trees_equal(kept["params"], poisoned["params"])
     assert_trees_equal(kept["opt_state"], poisoned["opt_state"])
+
+
+def test_every_guard_gives_the_same_steps_on_the_cpu():
+    """'auto' compiles to the CPU's conditional and is bit-identical to 'cond'. 'select', what GPUs and TPUs run,
+    fuses differently, so only float32 rounding differs: the losses agree to 1e-6 and the states to 1e-6.
+
+    The key part of each qkv bias is left out of the comparison: adding a constant to every key of a softmax row
+    changes nothing, so its gradient is exactly zero and only rounding noise, which Adam scales up to lr-sized
+    steps of arbitrary sign."""
+    states, losses = {}, {}
+    for guard in loop.GUARDS:
+        setup, model_config = demo_train_setup(guard=guard)
+        side = model_config.img_size
+        state, losses[guard] = setup.init(), []
+        for step in range(3):
+            images = np.random.default_rng(step).integers(0, 256, (8, side, side, model_config.in_chans), np.uint8)
+            state, metrics = setup.train_step(state, {"image": images})
+            assert not bool(metrics["nonfinite"])
+            losses[guard].append(float(metrics["loss"]))
+        states[guard] = jax.tree.map(np.asarray, state)
+    assert not np.array_equal(states["cond"]["params"]["decoder_pred"]["bias"], 0.0)
+    assert_trees_equal(states["auto"], states["cond"])
+    assert losses["auto"] == losses["cond"]
+    np.testing.assert_allclose(losses["select"], losses["cond"], rtol=1e-6)
+    for (path, got), expected in zip(jax.tree_util.tree_flatten_with_path(states["select"])[0],
+                                     jax.tree.leaves(states["cond"])):
+        name = jax.tree_util.keystr(path)
+        if "['qkv']['bias']" in name:
+            width = got.shape[0] // 3
+            got, expected = np.delete(got, np.s_[width:2 * width]), np.delete(expected, np.s_[width:2 * width])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -1,6 +1,7 @@
 """End to end: synthetic shards from `python -m data_prep synthetic` -> grain pipeline -> a few MAE steps."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_pretraining_runs_from_synthetic_shards_and_resumes(tmp_path):
+def test_pretraining_runs_from_synthetic_shards_and_resumes(tmp_path, caplog):
     data = tmp_path / "shards"
     subprocess.run([sys.executable, "-m", "data_prep", "synthetic", "--out_dir", str(data), "--count", "24",
-                    "--size", "48", "--workers", "1", "--no_progress"], cwd=REPO, check=True, capture_output=True)
+                    "--size", "48", "--nearest_size", "32", "--workers", "1", "--no_progress"], cwd=REPO,
+                   check=True, capture_output=True)
+    manifest = json.loads((data / "synthetic" / "manifest.json").read_text())
+    assert manifest["variants"]["nearest32"]["size"] == 32  # what usf_mae at 32 px reads
 
     def config(total_steps):
         c = pretrain_configs.get_config("demo")
@@ -39,7 +43,9 @@ def test_pretraining_runs_from_synthetic_shards_and_resumes(tmp_path):
         return c
 
     workdir = str(tmp_path / "work")
-    first = train(config(3), workdir)
+    with caplog.at_level(logging.WARNING, logger="usf_mae_jax.data.pipeline"):
+        first = train(config(3), workdir)
+    assert "no stored nearest" not in caplog.text
     assert first["final_step"] == 3
     assert len(first["losses"]) == 3 and all(np.isfinite(loss) for loss in first["losses"])
     saved = sorted((Path(workdir) / "checkpoints").glob("*/data_iter/process_0-of-1.json"))

@@ -50,8 +50,47 @@ def test_header_is_readable_without_the_pixels():
     record = records.encode(_image((6, 7, 3)), dataset="d", source="x.png", frame=3)
     header = records.decode_header(record)
     assert header == {"height": 6, "width": 7, "channels": 3, "dataset": "d", "source": "x.png", "subject": "",
-                      "frame": 3, "label": -1}
-    assert record[:4] == records.MAGIC and record[4] == records.FORMAT_VERSION
+                      "frame": 3, "label": -1, "codec": "png"}
+    assert record[:4] == records.MAGIC and record[4] == records.FORMAT_VERSION == 2
+
+
+@pytest.mark.parametrize("shape", [(17, 23, 1), (9, 31, 3)])
+def test_raw_codec_round_trip_is_a_view_of_the_payload(shape):
+    image = _image(shape, seed=3)
+    record = records.encode(image, dataset="ds", source="a.png", label=1, codec="raw")
+    header_len = struct.unpack_from("<I", record, 5)[0]
+    assert len(record) == 9 + header_len + image.size  # the pixels, nothing else
+    out = records.decode(record)
+    np.testing.assert_array_equal(out["image"], image)
+    assert out["label"] == 1 and not out["image"].flags.writeable  # no copy of the record's bytes
+    with pytest.raises(records.CorruptRecordError, match=r"ds/a\.png: the raw payload has 10 bytes"):
+        records.decode(record[:9 + header_len + 10])
+    with pytest.raises(ValueError, match="not PNG"):
+        records.image_bytes(record)
+    with pytest.raises(ValueError, match="unknown record codec 'jpeg'"):
+        records.encode(image, dataset="d", source="s", codec="jpeg")
+
+
+def test_format_1_records_still_decode():
+    """Version 1 had no codec field and always PNG: rebuild such a record byte by byte and read it."""
+    image = _image((12, 10))
+    record = records.encode(image, dataset="old", source="v1.png")
+    header_len = struct.unpack_from("<I", record, 5)[0]
+    header = json.loads(record[9:9 + header_len])
+    del header["codec"]
+    old_header = json.dumps(header).encode()
+    v1 = b"USFR" + bytes([1]) + struct.pack("<I", len(old_header)) + old_header + record[9 + header_len:]
+    out = records.decode(v1)
+    np.testing.assert_array_equal(out["image"][:, :, 0], image)
+    assert records.decode_header(v1)["codec"] == "png"
+
+
+def test_find_header_in_damaged_bytes():
+    record = records.encode(_image((8, 8)), dataset="busi", source="case9.png", frame=2, codec="raw")
+    damaged = bytearray(b"\x01riegeli chunk prefix" + record)
+    damaged[-5] ^= 0xFF  # a flipped pixel byte leaves the header intact
+    assert records.find_header(bytes(damaged))["source"] == "case9.png"
+    assert records.find_header(b"no record here") is None
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from helpers import set_fields
 
 from configs import pretrain as pretrain_config
 from configs import segment as segment_config
@@ -48,13 +49,7 @@ def bench(tmp_path_factory):
 def local_config(data_dir: str, arg: str = "busbra,runlocal", **fields):
     config = segment_config.get_config(arg)
     config.input.data_dir = data_dir
-    for key, value in fields.items():
-        node = config
-        *path, last = key.split("__")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return config
+    return set_fields(config, fields, "__")
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -10,6 +10,7 @@ from pathlib import Path
 import grain
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_prep import writer
 from usf_mae_jax.data import records
@@ -54,8 +55,13 @@ def test_manifest_contents_and_skips(tmp_path):
     assert manifest["shards"] == {"train": ["train-00000-of-00002.array_record",
                                             "train-00001-of-00002.array_record"],
                                   "val": ["val-00000-of-00001.array_record"]}
+    nearest = manifest["variants"]["nearest224"]
+    assert nearest == {"resize": "nearest", "size": 224, "codec": "raw", "shards": {
+        "train": ["train.nearest224-00000-of-00002.array_record", "train.nearest224-00001-of-00002.array_record"],
+        "val": ["val.nearest224-00000-of-00001.array_record"]}}
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["manifest.json", *manifest["shards"]["train"], *manifest["shards"]["val"]])
+        ["manifest.json", *manifest["shards"]["train"], *manifest["shards"]["val"], *nearest["shards"]["train"],
+         *nearest["shards"]["val"]])
     reasons = {entry["input"]: entry["reason"] for entry in manifest["skipped"]}
     assert reasons["3"] == "looks like a mask"
     assert reasons["5"] == "RuntimeError: decoder exploded"
@@ -108,11 +114,65 @@ def test_dedup_drops_with_reason(tmp_path):
                                    {"source": "img/4.png", "frame": -1, "reason": "duplicate of parity 0"}]
 
 
+def pixel_parity(image):
+    return int(image[0, 0, 0]) % 2
+
+
+def test_fingerprints_are_computed_in_the_workers(tmp_path):
+    """With `fingerprint`, the dedup callable sees the worker's fingerprint and no image (nothing shipped back);
+    the nearest variant drops in step with the frames, so both shard sets stay aligned."""
+    seen, images = set(), []
+
+    def dedup(example):
+        images.append(example.image)
+        if example.fingerprint in seen:
+            return f"same parity {example.fingerprint}"
+        seen.add(example.fingerprint)
+        return None
+
+    manifest = writer.write_dataset(tmp_path, "toy", [0, 1, 2, 4, 7], load_numbered, progress=False, workers=2,
+                                    dedup=dedup, fingerprint=pixel_parity)
+    assert manifest["total"] == 2 and images == [None] * 5
+    assert [d["reason"] for d in manifest["dropped"]] == ["same parity 0", "same parity 0", "same parity 1"]
+    folder = tmp_path / "toy"
+    nearest = grain.sources.ArrayRecordDataSource(
+        [str(folder / n) for n in manifest["variants"]["nearest224"]["shards"]["train"]])
+    assert [records.decode(nearest[i])["source"] for i in range(len(nearest))] == ["img/0.png", "img/1.png"]
+
+
 def test_longest_side_cap_and_colour(tmp_path):
-    manifest = writer.write_dataset(tmp_path, "big", [0], load_big, progress=False, max_side=128)
+    manifest = writer.write_dataset(tmp_path, "big", [0], load_big, progress=False, max_side=128, nearest_size=0)
     image = _read_all(tmp_path / "big", manifest, "train")[0]["image"]
     assert image.shape == (38, 128, 3) and image[5, 5].tolist() == [1, 2, 3]
-    assert manifest["channels"] == {"3": 1} and manifest["max_side"] == 128
+    assert manifest["channels"] == {"3": 1} and manifest["max_side"] == 128 and manifest["variants"] == {}
+    assert sorted(p.name for p in (tmp_path / "big").iterdir()) == ["manifest.json", manifest["shards"]["train"][0]]
+
+
+def load_speckle(task):
+    """Task (seed, height, width, channels) -> a noise frame of that size: every pixel differs."""
+    seed, height, width, channels = task
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    yield writer.Example(image=np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8),
+                         source=f"{height}x{width}x{channels}.png", label=seed)
+
+
+def test_nearest_variant_is_the_pil_nearest_resize_of_the_original(tmp_path):
+    """The usf_mae recipe's first step, Image.resize((224, 224), NEAREST) of the ORIGINAL frame, stored as is:
+    the 512-px cap (an area downscale) applies to the stored frames only."""
+    tasks = [(0, 480, 640, 1), (1, 800, 600, 1), (2, 800, 1000, 1), (3, 900, 1200, 3), (4, 150, 200, 1)]
+    manifest = writer.write_dataset(tmp_path, "sizes", tasks, load_speckle, progress=False, workers=2)
+    folder = tmp_path / "sizes"
+    frames = _read_all(folder, manifest, "train")
+    nearest_paths = [str(folder / n) for n in manifest["variants"]["nearest224"]["shards"]["train"]]
+    source = grain.sources.ArrayRecordDataSource(nearest_paths)
+    for task, frame, record in zip(tasks, frames, (source[i] for i in range(len(source)))):
+        original = next(load_speckle(task)).image
+        expected = np.asarray(Image.fromarray(original).resize((224, 224), Image.NEAREST))
+        stored = records.decode(record)
+        assert records.decode_header(record)["codec"] == "raw"
+        np.testing.assert_array_equal(stored["image"], expected.reshape(224, 224, task[3]))
+        assert (stored["source"], stored["label"]) == (frame["source"], frame["label"])  # aligned, record for record
+        assert max(frame["image"].shape[:2]) == min(512, max(task[1:3]))  # the frames stay capped
 
 
 def test_file_tasks_are_hashed(tmp_path):
@@ -160,11 +220,13 @@ def test_interrupted_write_leaves_no_complete_looking_shard(tmp_path):
     assert killed.returncode == -9
     names = sorted(p.name for p in (out / "toy").iterdir())
     # Three shards of two records were complete when the process died; none carries a final name.
-    assert names == [f".train-{i:05d}.array_record.tmp" for i in range(4)]
+    assert names == [f".train-{i:05d}.array_record.tmp" for i in range(4)] + [
+        f".train.nearest224-{i:05d}.array_record.tmp" for i in range(4)]
     assert writer.read_manifest(out / "toy") is None
     env.pop("KILL_AT_7")
     subprocess.run([sys.executable, str(script), str(out)], env=env, check=True, capture_output=True)
     manifest = writer.read_manifest(out / "toy")
     assert manifest["total"] == 10
     assert sorted(p.name for p in (out / "toy").iterdir()) == sorted(
-        ["manifest.json", *[f"train-{i:05d}-of-00005.array_record" for i in range(5)]])
+        ["manifest.json", *[f"train-{i:05d}-of-00005.array_record" for i in range(5)],
+         *[f"train.nearest224-{i:05d}-of-00005.array_record" for i in range(5)]])

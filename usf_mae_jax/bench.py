@@ -1,15 +1,24 @@
 """Train-step throughput benchmark (not a test): images/s, step time, FLOPs per image and MFU.
 
+    python -m usf_mae_jax.bench                       # on a GPU/TPU: ViT-B/16, bf16, batch 256 per device
     python -m usf_mae_jax.bench --config=configs/pretrain.py:usf_mae --variant tiny --batch_size 32 \
-        --steps 10 --dtype float32 [--torch] [--rounds 3] [--profile DIR] [--fsdp N]
+        --steps 10 --dtype float32 [--torch] [--rounds 3] [--profile DIR] [--fsdp N] \
+        [--attention auto|custom|xla|cudnn] [--guard auto|cond|select]
 
-It times the full jitted train step (forward, backward, AdamW update, donated state) on random uint8 batches
-after compiling and warming up, over all local devices (data parallel, or FSDP with --fsdp), and reports the
-median over `--rounds` rounds of `--steps` steps. FLOPs come from XLA's cost analysis of the compiled step. MFU
-is reported against the device's peak dense bf16 FLOP/s from PEAK_BF16_TFLOPS. `--torch` also times the
-plain-PyTorch reference MAE (usf_mae_jax/torch_reference.py, same architecture, torch.optim.AdamW) in a worker
-process (`usf_mae_jax/torch_bench.py`), the two taking turns in every round; `jax_over_torch` is the median of
-the per-round speed ratios.
+It times the full jitted train step (forward, backward, AdamW update, donated state: the training loop's own
+step, guard and compile options included) on random uint8 batches after compiling and warming up, over all
+local devices (data parallel, or FSDP with --fsdp), and reports the median over `--rounds` rounds of `--steps`
+steps. Defaults: on accelerators the target model (ViT-B/16 at 224 px, bf16, 256 images per device); on the
+CPU the config's model (the usf_mae preset: ViT-B/16, bf16) at a global batch of 32.
+
+FLOPs: `model_flops_per_image` is the analytic count (`mae.train_flops_per_image`: matmuls, backward twice the
+forward), which MFU divides by, against the device's peak dense bf16 FLOP/s (`accelerators.PEAK_BF16_TFLOPS`,
+exact device names; an unknown device gets no MFU). `xla_flops_per_image` is XLA's cost analysis of the
+compiled step, printed next to it; it counts elementwise work too, and a fused cuDNN attention as nothing.
+
+`--torch` also times the plain-PyTorch reference MAE (usf_mae_jax/torch_reference.py, same architecture,
+torch.optim.AdamW) in a worker process (`usf_mae_jax/torch_bench.py`), the two taking turns in every round;
+`jax_over_torch` is the median of the per-round speed ratios.
 
 Run as a module, it first re-executes itself with glibc's transparent-huge-page tunable where that helps
 (`usf_mae_jax/host_memory.py`; the `host_malloc=` line says what applied). The torch worker inherits the same
@@ -28,29 +37,26 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from usf_mae_jax import host_memory
+from usf_mae_jax import accelerators, host_memory
 from usf_mae_jax.core import sharding
-from usf_mae_jax.models import vit
+from usf_mae_jax.models import attention, mae, vit
 from usf_mae_jax.torch_bench import TorchProcess, minor_faults
 from usf_mae_jax.trainers import loop
 from usf_mae_jax.trainers.pretrain import PretrainTask
 
-# Peak dense bf16 matrix throughput per chip, TFLOP/s, from the vendors' data sheets: NVIDIA H100 SXM5 and H200
-# (989.4 without sparsity), H100 PCIe (756), A100 (312), L4 (121), V100 (125, fp16 tensor cores); Google Cloud
-# TPU v4 (275), v5e (197), v5p (459), v6e / Trillium (918).
-PEAK_BF16_TFLOPS = {
-    "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "V100": 125.0,
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6": 918.0,
-}
-
 config_flags.DEFINE_config_file("config", "configs/pretrain.py:usf_mae", "Pretraining config.", lock_config=True)
-flags.DEFINE_string("variant", None, "Model size preset (mu, tiny, small, base, large, huge).")
-flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+flags.DEFINE_string("variant", None, "Model size preset (mu, tiny, small, base, large, huge); default: base on "
+                    "accelerators, the config's on the CPU.")
+flags.DEFINE_integer("batch_size", None, "Global batch size (default: 256 per device on accelerators, 32 on "
+                     "the CPU).")
 flags.DEFINE_integer("img_size", None, "Image size (default: the config's).")
 flags.DEFINE_integer("steps", 10, "Timed steps per round.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's).")
-flags.DEFINE_string("attention", None, "Attention implementation: xla or cudnn.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: bfloat16 on accelerators, "
+                  "the config's on the CPU).")
+flags.DEFINE_enum("attention", None, list(attention.IMPLEMENTATIONS), "Attention kernel (default: the config's, "
+                  "auto).")
+flags.DEFINE_enum("guard", "auto", ["auto", "cond", "select"], "Non-finite guard of the step (trainers/loop.py).")
 flags.DEFINE_integer("fsdp", 1, "Size of the fsdp mesh axis (the rest is data parallel).")
 flags.DEFINE_bool("torch", False, "Also time the PyTorch reference MAE (CPU) in the same run.")
 flags.DEFINE_integer("torch_steps", 0, "Timed torch steps per round (default: --steps).")
@@ -59,24 +65,17 @@ flags.DEFINE_string("profile", None, "Write a jax.profiler trace of 3 steps to t
 FLAGS = flags.FLAGS
 
 
-def peak_tflops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for name in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if name.lower() in kind.lower():
-            return PEAK_BF16_TFLOPS[name]
-    return None
-
-
 class JaxStep:
     """The compiled, donated train step on random uint8 batches, ready to be timed in rounds."""
 
-    def __init__(self, config: ml_collections.ConfigDict, batch_size: int, fsdp: int):
+    def __init__(self, config: ml_collections.ConfigDict, batch_size: int, fsdp: int, guard: str = "auto"):
         config = bench_config(config, batch_size, fsdp)
         model_config = vit.config_from_block(config.model)
+        self.model_flops_per_image = mae.train_flops_per_image(model_config, float(config.model.mask_ratio))
         self.mesh = sharding.make_mesh(config.mesh)
         task = PretrainTask(config)
         task.prepare(self.mesh, "")
-        setup = loop.build(config, task, self.mesh)  # the training loop's own step, guard included
+        setup = loop.build(config, task, self.mesh, guard=guard)  # the training loop's own step
         self.state = setup.init()
         images = np.random.default_rng(0).integers(
             0, 256, (batch_size, model_config.img_size, model_config.img_size, model_config.in_chans), np.uint8)
@@ -100,11 +99,12 @@ class JaxStep:
         devices = self.mesh.devices.size
         result = {"compile_s": self.compile_s, "devices": devices, "loss": float(self.metrics["loss"]),
                   "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))}
+        result["model_flops_per_image"] = self.model_flops_per_image
         cost = self.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         flops_per_device = float(cost.get("flops", 0.0)) if cost else 0.0
         if flops_per_device:
-            result["model_flops_per_image"] = flops_per_device * devices / batch_size
+            result["xla_flops_per_image"] = flops_per_device * devices / batch_size
         memory = self.compiled.memory_analysis()
         if memory is not None:
             result["temp_mib_per_device"] = getattr(memory, "temp_size_in_bytes", 0) / 2**20
@@ -152,9 +152,9 @@ def timed_rounds(runners: dict, steps: dict, rounds: int, warmup: int) -> tuple[
 
 
 def bench(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: int, fsdp: int, rounds: int,
-          with_torch: bool, torch_steps: int, profile_dir: str | None) -> dict:
+          with_torch: bool, torch_steps: int, profile_dir: str | None, guard: str = "auto") -> dict:
     """Compiles, warms up and times the JAX step (and the torch reference), returning the printed figures."""
-    jax_step = JaxStep(config, batch_size, fsdp)
+    jax_step = JaxStep(config, batch_size, fsdp, guard)
     runners, counts = {"jax": jax_step}, {"jax": steps}
     if with_torch:
         runners["torch"] = TorchProcess(vit.config_from_block(config.model), config.optimizer, batch_size,
@@ -169,8 +169,9 @@ def bench(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup
     step_s = float(np.median(per_step["jax"]))
     result.update(step_ms=1000 * step_s, images_per_s=batch_size / step_s)
     result["images_per_s_per_device"] = result["images_per_s"] / result["devices"]
-    peak = peak_tflops(jax.devices()[0])
-    if peak and "model_flops_per_image" in result:
+    peak = accelerators.peak_bf16_tflops(jax.devices()[0].device_kind)
+    if peak:
+        result["peak_bf16_tflops_per_device"] = peak
         result["mfu"] = result["model_flops_per_image"] * result["images_per_s"] / (peak * 1e12 * result["devices"])
     if with_torch:
         torch_s = float(np.median(per_step["torch"]))
@@ -191,23 +192,37 @@ def bench(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup
 def main(argv):
     del argv
     config = FLAGS.config
+    device = jax.devices()[0]
+    defaults = accelerators.benchmark_defaults(device.platform, jax.device_count())
+    variant = FLAGS.variant or defaults["variant"]
+    dtype = FLAGS.dtype or defaults["dtype"]
+    batch_size = FLAGS.batch_size or defaults["batch_size"]
     with config.unlocked():
-        if FLAGS.variant:
-            config.model.variant = FLAGS.variant
+        if variant:
+            config.model.variant = variant
             for field in ("patch_size", "width", "depth", "heads", "decoder_width", "decoder_depth", "decoder_heads"):
                 config.model[field] = None
         if FLAGS.img_size:
             config.model.img_size = FLAGS.img_size
-        if FLAGS.dtype:
-            config.model.dtype = FLAGS.dtype
+        if dtype:
+            config.model.dtype = dtype
         if FLAGS.attention:
             config.model.attention = FLAGS.attention
     model_config = vit.config_from_block(config.model)
-    device = jax.devices()[0]
+    cache = accelerators.enable_compilation_cache()
+    kernels = {name: attention.resolve(model_config.attention, model_config.compute_dtype, width // heads)
+               for name, width, heads in (("encoder", model_config.width, model_config.heads),
+                                          ("decoder", model_config.decoder_width, model_config.decoder_heads))}
     print(f"device={device.platform}:{device.device_kind} devices={jax.device_count()} variant={config.model.variant} "
-          f"img_size={model_config.img_size} batch_size={FLAGS.batch_size} dtype={model_config.dtype}", flush=True)
-    result = bench(config, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup, FLAGS.fsdp, FLAGS.rounds, FLAGS.torch,
-                   FLAGS.torch_steps, FLAGS.profile)
+          f"img_size={model_config.img_size} batch_size={batch_size} dtype={model_config.dtype}", flush=True)
+    setting = {"attention": model_config.attention, "encoder_kernel": kernels["encoder"],
+               "decoder_kernel": kernels["decoder"], "guard": FLAGS.guard,
+               "compile_options": accelerators.compiler_options(device.platform, jax.device_count()),
+               "compilation_cache": cache}
+    for key, value in setting.items():
+        print(f"{key}={value}", flush=True)
+    result = bench(config, batch_size, FLAGS.steps, FLAGS.warmup, FLAGS.fsdp, FLAGS.rounds, FLAGS.torch,
+                   FLAGS.torch_steps, FLAGS.profile, FLAGS.guard)
     for key, value in result.items():
         print(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}")
     print(f"images_per_s={result['images_per_s']:.3f}")

@@ -6,6 +6,11 @@ task of a SLURM job. `jax.distributed.initialize()` is called only when the envi
   * SLURM with more than one task (JAX reads SLURM_* itself);
   * a multi-host Cloud TPU slice (JAX reads the TPU metadata itself).
 A single process does nothing extra.
+
+GPU recipes run one process per GPU (docs/accelerators.md). JAX then restricts each process to one GPU: the one
+named by JAX_LOCAL_DEVICE_IDS (scripts/multi_gpu.sh sets it), or under SLURM the task's SLURM_LOCALID, which
+assumes every task sees all of the node's GPUs. Where SLURM already bound each task to its own GPU (its
+CUDA_VISIBLE_DEVICES lists one), that GPU is local device 0 (`slurm_local_device_ids`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ def detected_environment(env: dict | None = None) -> str | None:
     return None
 
 
+def slurm_local_device_ids(env: dict | None = None) -> list[int] | None:
+    """[0] for a SLURM task bound to a single GPU, else None (JAX's default: GPU SLURM_LOCALID of all visible)."""
+    env = os.environ if env is None else env
+    if "JAX_LOCAL_DEVICE_IDS" in env:
+        return None
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return [0] if len(visible) == 1 else None
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> str:
     """Initialises the distributed runtime when needed; returns how ('explicit', 'slurm', 'tpu_pod', 'single')."""
@@ -42,7 +56,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     kind = detected_environment()
     if kind is None:
         return "single"
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids() if kind == "slurm" else None)
     return kind
 
 

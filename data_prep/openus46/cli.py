@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="convert finished datasets again")
     parser.add_argument("--max_side", type=arguments.non_negative_int, default=512,
                         help="cap on the longest image side (0: none)")
+    parser.add_argument("--nearest_size", type=arguments.non_negative_int, default=224,
+                        help="also store the nearest resize of each original to this square size, the usf_mae "
+                             "recipe's first step (0: none; docs/data_pipeline.md)")
     parser.add_argument("--max_frames", type=arguments.positive_int, default=None,
                         help="override every dataset's per-video / per-volume frame cap")
     parser.add_argument("--include_optional", action="store_true",
@@ -96,7 +99,8 @@ def summary_markdown(rows: list[dict]) -> str:
 def _options(args: argparse.Namespace) -> ConvertOptions:
     clean = CleanOptions(grayscale=not args.no_grayscale, crop=args.crop, inpaint=args.inpaint)
     return ConvertOptions(raw_dir=args.raw_dir, out_dir=args.out_dir, workers=args.workers,
-                          overwrite=args.overwrite, max_side=args.max_side, clean=clean,
+                          overwrite=args.overwrite, max_side=args.max_side, nearest_size=args.nearest_size,
+                          clean=clean,
                           include_optional=args.include_optional, include_holdouts=args.include_holdouts,
                           unpack=not args.no_unpack, max_frames=args.max_frames,
                           progress=not args.no_progress)

@@ -63,6 +63,7 @@ class ConvertOptions:
     workers: int = 1
     overwrite: bool = False
     max_side: int = 512
+    nearest_size: int = writer.DEFAULT_NEAREST_SIZE
     clean: CleanOptions = dataclasses.field(default_factory=CleanOptions)
     include_optional: bool = False
     include_holdouts: bool = False
@@ -184,7 +185,9 @@ def convert_dataset(spec: DatasetSpec, options: ConvertOptions, dedup: Deduplica
     frames = Counter()
 
     def on_example(example) -> str | None:
-        reason = dedup.check(spec.key, _ref(spec.key, example), example.image) if dedup is not None else None
+        reason = None
+        if dedup is not None:
+            reason = dedup.check(spec.key, _ref(spec.key, example), example.image, fingerprint=example.fingerprint)
         if reason is None and example.frame >= 0:
             frames["sampled"] += 1
         return reason
@@ -200,8 +203,9 @@ def convert_dataset(spec: DatasetSpec, options: ConvertOptions, dedup: Deduplica
     try:
         manifest = writer.write_dataset(
             options.out_dir, spec.key, tasks, load_file, workers=options.workers, overwrite=options.overwrite,
-            max_side=options.max_side, dedup=on_example, manifest_extra=extra, progress=options.progress,
-            records_per_shard=options.records_per_shard,
+            max_side=options.max_side, nearest_size=options.nearest_size, dedup=on_example,
+            fingerprint=None if dedup is None else dedup.fingerprinter(), manifest_extra=extra,
+            progress=options.progress, records_per_shard=options.records_per_shard,
             not_converted={"excluded": sorted(excluded), **left_out})
     except DataError as err:
         return _row(spec, "failed", message=one_line(str(err)))

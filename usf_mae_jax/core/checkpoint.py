@@ -48,7 +48,7 @@ class CheckpointSaveError(CheckpointError):
     """Writing a checkpoint failed (e.g. the disk is full); training stopped, older checkpoints are intact."""
 
 
-class _FrozenIteratorState:
+class FrozenIteratorState:
     """A snapshot of an iterator's state for grain's handler: the saved data position is the one of the step
     boundary, even though orbax writes it asynchronously while training goes on."""
 
@@ -132,28 +132,39 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: bytes | None, loop_record: dict,
              best: Any | None = None) -> None:
         """Starts an asynchronous save of step `step`; a failure is raised as CheckpointSaveError."""
-        self.check_for_errors()
+        self._finish_pending()  # orbax allows one save in flight; a failure of it is named with its own step
         items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop_record)}
         if best is not None:
             items["best"] = ocp.args.StandardSave(best)
         if data_state is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))
+            items["data_iter"] = grain.checkpoint.CheckpointSave(FrozenIteratorState(data_state))
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as err:
-            raise CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed: "
-                                      f"{_describe_error(err)}") from err
+            raise self._save_failed(step, err) from err
         self._pending_step = step
 
-    def check_for_errors(self) -> None:
-        """Raises CheckpointSaveError if the last asynchronous save failed (called at every step boundary)."""
+    def _save_failed(self, step: int | None, err: BaseException) -> CheckpointSaveError:
+        return CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed: "
+                                   f"{_describe_error(err)}; the older checkpoints are intact")
+
+    def _finish_pending(self) -> None:
+        """Waits for the save in flight; raises CheckpointSaveError naming its step if it failed."""
+        if self._pending_step is None:
+            return
+        step, self._pending_step = self._pending_step, None
         try:
-            self.manager.check_for_errors()
+            self.manager.wait_until_finished()
         except Exception as err:
-            step = self._pending_step
-            self._pending_step = None
-            raise CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed: "
-                                      f"{_describe_error(err)}; the older checkpoints are intact") from err
+            raise self._save_failed(step, err) from err
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointSaveError as soon as the save in flight has failed (called at every step boundary).
+
+        A save that is still being written is left alone, so the check never waits.
+        """
+        if self._pending_step is not None and not self.manager.is_saving_in_progress():
+            self._finish_pending()
 
     def _move_aside(self, step: int, err: BaseException) -> None:
         source = os.path.join(self.directory, str(step))
@@ -199,11 +210,8 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-        except Exception as err:
-            raise CheckpointSaveError(f"saving the checkpoint of step {self._pending_step} in {self.directory} "
-                                      f"failed: {_describe_error(err)}; the older checkpoints are intact") from err
+        """Blocks until the save in flight is written; raises CheckpointSaveError if it failed."""
+        self._finish_pending()
 
     def close(self) -> None:
         try:
@@ -246,13 +254,13 @@ def workdir_steps(workdir: str) -> list[int]:
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
     """A manager that only reads: no folder created, no temporary cleaned, nothing locked or written."""
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
-                                           enable_async_checkpointing=False, save_root_metadata=False)
     handlers = {**_handlers(), "state": ocp.PyTreeCheckpointHandler(), "best": ocp.PyTreeCheckpointHandler()}
     absl_log = logging.getLogger("absl")
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)  # orbax warns that a read-only manager will not save; that is the point
     try:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                               enable_async_checkpointing=False, save_root_metadata=False)
         return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
                                      item_handlers=handlers)
     finally:
@@ -262,15 +270,26 @@ def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
 def read_workdir_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
     """(params as NumPy, step) from a workdir's checkpoint: the `best` item when present, else the state's.
 
-    Read-only; `step` None takes the newest committed step. Only the params are read (not the optimizer).
+    Read-only; `step` None takes the newest committed step. Only the params are read (not the optimizer). A
+    live run may delete an old step while it is read (keep-N); the newest step is then tried once more.
     """
-    steps = workdir_steps(workdir)
-    if not steps:
-        raise MissingInputError(f"{workdir} is a workdir without any complete checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise MissingInputError(f"{workdir} has no checkpoint of step {step}; it has steps {steps}")
+    for attempt in range(2):
+        steps = workdir_steps(workdir)
+        if not steps:
+            raise MissingInputError(f"{workdir} is a workdir without any complete checkpoint")
+        chosen = steps[-1] if step is None else step
+        if chosen not in steps:
+            raise MissingInputError(f"{workdir} has no checkpoint of step {step}; it has steps {steps}")
+        try:
+            return _read_step_params(workdir, chosen), chosen
+        except CheckpointError:
+            if step is not None or attempt or chosen in workdir_steps(workdir):
+                raise
+            log.info("checkpoint step %d of %s was removed while it was read; reading the newest", chosen, workdir)
+    raise AssertionError("unreachable")
+
+
+def _read_step_params(workdir: str, step: int) -> dict:
     step_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
     item = "best" if os.path.isdir(os.path.join(step_dir, "best")) else "state"
     manager = _read_only_manager(workdir)
@@ -285,7 +304,7 @@ def read_workdir_params(workdir: str, step: int | None = None) -> tuple[dict, in
         raise CheckpointError(f"{workdir}: checkpoint step {step} cannot be read ({_describe_error(err)})") from err
     finally:
         manager.close()
-    return jax.tree.map(np.asarray, restored[item]["params"]), step
+    return jax.tree.map(np.asarray, restored[item]["params"])
 
 
 def load_params(path: str, step: int | None = None) -> tuple[dict, dict | None]:

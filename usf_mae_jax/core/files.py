@@ -59,6 +59,19 @@ def write_json(path: str | os.PathLike, payload: Any, sort_keys: bool = True) ->
         raise
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text`, atomically (temp file + rename)."""
+    temp, fd = _atomic_target(path, ".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)

@@ -16,38 +16,56 @@ import time
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import summary as tb_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2, summary_pb2
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
 
 class MetricWriter:
-    """TensorBoard scalars/images plus one log line per write, from process 0 only."""
+    """TensorBoard scalars/images plus one log line per write, from process 0 only.
+
+    Events are written and flushed synchronously (tensorboardX's `EventsWriter`, not its queued
+    `SummaryWriter`, whose background thread can hold the last events when the process is killed).
+    """
 
     def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
-        """`resume_step`: a resumed run's first step; TensorBoard then drops the events a killed run logged
-        after its last checkpoint (`purge_step`), so every curve stays one continuous line."""
+        """`resume_step`: the step a resumed run restarts from; TensorBoard then drops the events that a killed
+        run logged after that step (a purge `SessionLog.START`), so every curve stays one continuous line."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._tb = (SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step or None)
-                    if self.enabled else None)
+        self._events = None
+        if self.enabled:
+            folder = os.path.join(workdir, "tensorboard")
+            os.makedirs(folder, exist_ok=True)
+            self._events = EventsWriter(os.path.join(folder, "events"), f".{os.getpid()}.{id(self)}")
+            if resume_step:
+                self._write(event_pb2.Event(step=resume_step + 1, session_log=event_pb2.SessionLog(
+                    status=event_pb2.SessionLog.START)))
+
+    def _write(self, event: event_pb2.Event) -> None:
+        event.wall_time = time.time()
+        self._events.write_event(event)
+        self._events.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        merged = summary_pb2.Summary()
         for name, value in values.items():
-            self._tb.add_scalar(name, float(value), step)
-        self._tb.flush()
+            merged.value.extend(tb_summary.scalar(name, float(value)).value)
+        self._write(event_pb2.Event(step=step, summary=merged))
         log.info("step %d: %s", step, ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         if self.enabled:
-            self._tb.add_image(name, image, step, dataformats="HWC")
-            self._tb.flush()
+            self._write(event_pb2.Event(step=step, summary=tb_summary.image(name, image, dataformats="HWC")))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
 
 def _fmt(value: float) -> str:

@@ -70,6 +70,15 @@ def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
     return _keep_channels(rotated, image)
 
 
+def set_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W, 1|3) -> (H, W, channels): grayscale is repeated, colour converted with the ITU-R 601 luma."""
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+
+
 def hflip(image: np.ndarray) -> np.ndarray:
     return image[:, ::-1]
 

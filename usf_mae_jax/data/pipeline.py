@@ -9,30 +9,37 @@ The training loop sees one interface, `GlobalBatchIterator`:
 
 What happens on each host, in order (`build_host_dataset`):
 
-1. **Reading.** `input.data_dirs` names dataset folders written by `data_prep` (or roots holding several);
-   only finished folders (with `manifest.json`) are read, each through one `ArrayRecordDataSource` over its
-   `train` shards. `input.source='synthetic'` uses in-memory synthetic images through the same path.
+1. **Reading.** `input.data_dir` names dataset folders written by `data_prep` (a folder, a comma list of
+   folders, or a root holding several); only finished folders (with `manifest.json`) are read. Each
+   dataset is read through one `shards.RecordReader` over the shards of the stored variant that the
+   augmentation needs: the nearest-resized copy (`<split>.nearest224-*`) for `usf_mae` and `eval` at that
+   size, which is exactly the recipe's first step applied to the original frame, else the frames
+   (docs/data_pipeline.md). `input.source='synthetic'` uses in-memory synthetic images through the same path.
 2. **Order and mixing** (`MixtureSource`). Each dataset is cut per process (`process_index::process_count`,
    disjoint, union = everything), and reshuffled every epoch of *that dataset* with a permutation seeded by
    (seed, dataset, epoch). The datasets are interleaved by `input.weights` (default: proportional to size):
    the stream is cut in blocks in which each dataset gets exactly its share of slots, spread evenly with a
    seeded phase, so every batch has the configured mix, a few huge video sets cannot dominate and small sets
-   simply repeat more often. Every position of
-   the infinite stream is a pure function of (seed, position): random access, hence exact resume.
-3. **Decode, augment** (`DecodeAugment`). Records are decoded (`records.decode`), set to the batch's channel
-   count and augmented (`augment.make_augment`) with a generator seeded by (seed, dataset, epoch, record):
-   the same record in the same epoch gets the same crop on any host layout and after any restart. Corrupt
-   records are counted, logged with their dataset/source, and dropped; past `input.max_corrupt_fraction`
-   of the records read, the run stops with an error.
-4. **Batch, prefetch.** Batches of the per-process size with drop-remainder, decoded by a grain thread pool
-   (`input.num_threads`) or, with `input.worker_processes > 0`, by worker processes (`mp_prefetch`); on a
-   small host the processes cost more in IPC than they save (jax_stack.md 2b), on a big one they scale.
+   simply repeat more often. Every position of the infinite stream is a pure function of (seed, position):
+   random access, hence exact resume.
+3. **Batches** (`batching.BatchMaker`). Batch b holds stream positions [b * B, (b + 1) * B); one call
+   reads, decodes and augments its B records straight into the batch array. A record that cannot be read
+   or decoded is counted against `input.max_corrupt_fraction`, logged with its shard file, record index and
+   source, and its slot is filled by the next record of the same dataset, so batches stay full and a
+   resumed run skips the same records.
+4. **Threads and processes.** Whole batches are built in parallel by a grain thread pool
+   (`input.num_threads`; 0 = half the cores, see `host_threads`) and, with `input.worker_processes > 0`,
+   in that many worker processes (`mp_prefetch`, the cores then shared out among them). One task per batch
+   keeps the per-image Python work, hence the GIL traffic between threads, small, and makes the worker
+   processes' IPC one message per batch (about 15 us of the parent's CPU per image). About 50 us of
+   GIL-held work per image should cap one process near 10,000-20,000 images/s; worker processes lift that
+   on a big host (docs/data_pipeline.md).
 5. **Global arrays.** `GlobalBatchIterator` turns each host batch into a global `jax.Array` with
    `make_array_from_process_local_data` and keeps `input.device_prefetch` batches in flight.
 
 Host batches stay uint8 at the model's size, 1 channel for grayscale data (3 when any dataset is colour, or
 as `input.channels` says); float conversion, normalisation and channel replication happen on the device
-inside the jitted step (DESIGN.md, "Batches").
+inside the jitted step (docs/design.md, "Batches").
 """
 
 from __future__ import annotations
@@ -43,8 +50,7 @@ import json
 import logging
 import os
 import sys
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -53,12 +59,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from usf_mae_jax.cli import ConfigError, DataError, MissingInputError
 from usf_mae_jax.core import sharding
-from usf_mae_jax.data import augment, records, synthetic
+from usf_mae_jax.data import augment, batching, folders, shards, synthetic
 
-MANIFEST_NAME = "manifest.json"
-MIN_RECORDS_FOR_CORRUPT_CHECK = 100  # do not fail a run on 1 bad record among the first 10
-_LOGGED_CORRUPT_IN_FULL = 20
+MANIFEST_NAME = folders.MANIFEST_NAME
+NEAREST_PRESETS = ("usf_mae", "eval")  # presets whose first step is Resize((size, size), NEAREST)
 
 log = logging.getLogger(__name__)
 
@@ -68,55 +74,56 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """One finished dataset folder: its name, shard paths for the split, record count and channel counts."""
+    """One finished dataset folder: its name, shard paths for the split, record count and channel counts.
+
+    `nearest` maps a square size to the shards of the stored nearest-resized variant at that size (aligned
+    with `paths`: record i is the same example); `max_side` is the cap the converter put on the frames.
+    """
 
     name: str
     folder: str
     paths: tuple[str, ...]
     size: int
     channels: dict[str, int]
+    max_side: int = 0
+    nearest: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _shard_paths(folder: str, names: list[str]) -> tuple[str, ...]:
+    paths = tuple(os.path.join(folder, name) for name in names)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise MissingInputError(f"{folder}: manifest lists shards that are missing: {missing[:3]}")
+    return paths
 
 
 def _dataset_info(folder: str, split: str) -> DatasetInfo:
     with open(os.path.join(folder, MANIFEST_NAME)) as f:
         manifest = json.load(f)
-    paths = tuple(os.path.join(folder, name) for name in manifest.get("shards", {}).get(split, []))
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{folder}: manifest lists shards that are missing: {missing[:3]}")
+    paths = _shard_paths(folder, manifest.get("shards", {}).get(split, []))
+    nearest = {}
+    for variant in manifest.get("variants", {}).values():
+        if variant.get("resize") == "nearest" and variant.get("shards", {}).get(split):
+            nearest[int(variant["size"])] = _shard_paths(folder, variant["shards"][split])
     return DatasetInfo(manifest.get("dataset", os.path.basename(folder)), folder, paths,
-                       int(manifest.get("counts", {}).get(split, 0)), dict(manifest.get("channels", {})))
+                       int(manifest.get("counts", {}).get(split, 0)), dict(manifest.get("channels", {})),
+                       int(manifest.get("max_side", 0) or 0), nearest)
 
 
-def find_datasets(data_dirs: str, split: str = "train") -> list[DatasetInfo]:
-    """Dataset folders named by `data_dirs` (comma-separated folders or roots of folders), in that order.
+def find_datasets(data_dir: str, split: str = "train") -> list[DatasetInfo]:
+    """The datasets named by `input.data_dir` (data/folders.py: folders, a comma list, or roots), in order.
 
-    A folder is a dataset when it holds `manifest.json`; otherwise its sub-folders that do are taken, sorted
-    by name. Datasets without records in `split` are left out with a warning.
+    Datasets without records in `split` are left out with a warning.
     """
-    entries = [d.strip() for d in str(data_dirs).split(",") if d.strip()]
-    if not entries:
-        raise ValueError("input.data_dirs is empty: give dataset folders written by `python -m data_prep`")
     datasets = []
-    for entry in entries:
-        if not os.path.isdir(entry):
-            raise FileNotFoundError(f"input.data_dirs entry {entry!r} is not a directory")
-        if os.path.isfile(os.path.join(entry, MANIFEST_NAME)):
-            folders = [entry]
-        else:
-            folders = sorted(os.path.join(entry, d) for d in os.listdir(entry)
-                             if os.path.isfile(os.path.join(entry, d, MANIFEST_NAME)))
-            if not folders:
-                raise FileNotFoundError(f"{entry}: no finished dataset here (no {MANIFEST_NAME} in it or in its "
-                                        "sub-folders); run `python -m data_prep ...` first")
-        for folder in folders:
-            info = _dataset_info(folder, split)
-            if info.size == 0:
-                log.warning("dataset %s has no %r records; left out", folder, split)
-                continue
-            datasets.append(info)
+    for folder in folders.dataset_folders(data_dir):
+        info = _dataset_info(folder, split)
+        if info.size == 0:
+            log.warning("dataset %s has no %r records; left out", folder, split)
+            continue
+        datasets.append(info)
     if not datasets:
-        raise ValueError(f"no dataset under {entries} has {split!r} records")
+        raise DataError(f"no dataset under {data_dir} has {split!r} records")
     return datasets
 
 
@@ -127,9 +134,9 @@ def mixture_weights(weights: str, sizes: list[int]) -> np.ndarray:
     else:
         raw = np.asarray([float(w) for w in str(weights).split(",")], np.float64)
         if len(raw) != len(sizes):
-            raise ValueError(f"input.weights has {len(raw)} entries for {len(sizes)} datasets")
+            raise ConfigError(f"input.weights has {len(raw)} entries for {len(sizes)} datasets")
     if (raw < 0).any() or not np.isfinite(raw).all() or raw.sum() <= 0:
-        raise ValueError(f"input.weights must be non-negative with a positive sum, got {weights!r}")
+        raise ConfigError(f"input.weights must be non-negative with a positive sum, got {weights!r}")
     return raw / raw.sum()
 
 
@@ -155,13 +162,13 @@ def _block_size(num_datasets: int) -> int:
 
 
 class MixtureSource:
-    """Infinite random-access stream over several datasets: item i -> {'record', 'dataset', 'epoch', 'index'}.
+    """Infinite random-access stream over several datasets: position -> (dataset, epoch, record index).
 
     Slot assignment: in block b (of `block` positions) dataset d gets C_d(b + 1) - C_d(b) slots, where
     C_d(b) = floor(b * block * w_d) for every dataset but the heaviest, which takes the rest; over any prefix
     each dataset's share is within D of its weight. Inside a block the slots of each dataset are spread
     evenly, with a phase drawn from (seed, block), so any window is within about one example per dataset
-    of its share. A dataset's j-th slot reads its local record perm_e[j mod n] of epoch
+    of its share. A dataset's j-th slot (its *rank* j) reads its local record perm_e[j mod n] of epoch
     e = j // n, with perm_e a permutation seeded by (seed, dataset, e).
     """
 
@@ -174,7 +181,7 @@ class MixtureSource:
         self.local_sizes = [len(range(shard_index, len(s), shard_count)) for s in self.sources]
         for name, size, weight in zip(self.names, self.local_sizes, self.weights):
             if weight > 0 and size == 0:
-                raise ValueError(f"dataset {name} has fewer records than the {shard_count} processes")
+                raise DataError(f"dataset {name} has fewer records than the {shard_count} processes")
         self.block = _block_size(len(self.sources))
         self._heaviest = int(np.argmax(self.weights))
         self._make_caches()
@@ -221,113 +228,78 @@ class MixtureSource:
     def _compute_permutation(self, dataset: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, dataset, epoch]).permutation(self.local_sizes[dataset])
 
+    def slot(self, position: int) -> tuple[int, int]:
+        """Stream position -> (dataset, rank of the slot among that dataset's slots)."""
+        slots, ranks = self._block_layout(position // self.block)
+        return int(slots[position % self.block]), int(ranks[position % self.block])
+
+    def record(self, dataset: int, rank: int) -> tuple[int, int]:
+        """A dataset's rank-th slot -> (epoch of that dataset, global record index in the dataset)."""
+        epoch, k = divmod(rank, self.local_sizes[dataset])
+        local = int(self._permutation(dataset, epoch)[k])
+        return epoch, self.shard_index + local * self.shard_count
+
     def locate(self, position: int) -> tuple[int, int, int]:
         """Stream position -> (dataset, epoch of that dataset, global record index in the dataset)."""
-        slots, ranks = self._block_layout(position // self.block)
-        dataset, j = int(slots[position % self.block]), int(ranks[position % self.block])
-        epoch, k = divmod(j, self.local_sizes[dataset])
-        local = int(self._permutation(dataset, epoch)[k])
-        return dataset, epoch, self.shard_index + local * self.shard_count
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        dataset, epoch, index = self.locate(position)
-        return {"record": self.sources[dataset][index], "dataset": dataset, "epoch": epoch, "index": index}
-
-
-# ------------------------------------------------------------------------------------- decode, augment
-
-
-class CorruptRecordBudget:
-    """Counts records read and corrupt ones (per process); raises once the corrupt share passes the limit."""
-
-    def __init__(self, max_fraction: float):
-        self.max_fraction = float(max_fraction)
-        self.seen = self.corrupt = 0
-        self._lock = threading.Lock()
-
-    def record_ok(self) -> None:
-        with self._lock:
-            self.seen += 1
-
-    def record_corrupt(self, where: str, reason: str) -> None:
-        with self._lock:
-            self.seen += 1
-            self.corrupt += 1
-            seen, corrupt = self.seen, self.corrupt
-        if corrupt <= _LOGGED_CORRUPT_IN_FULL or corrupt % 100 == 0:
-            log.warning("corrupt record skipped (%d so far of %d read): %s: %s", corrupt, seen, where, reason)
-        if seen >= MIN_RECORDS_FOR_CORRUPT_CHECK and corrupt > self.max_fraction * seen:
-            raise RuntimeError(f"{corrupt} of the {seen} records read are corrupt, more than "
-                               f"input.max_corrupt_fraction={self.max_fraction}; last one: {where}: {reason}. "
-                               "Re-convert the dataset (python -m data_prep ... --overwrite) or drop it.")
-
-
-def set_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """(H, W, 1|3) -> (H, W, channels): grayscale is repeated, colour converted with the ITU-R 601 luma."""
-    if image.shape[2] == channels:
-        return image
-    if channels == 3:
-        return np.repeat(image, 3, axis=2)
-    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
-
-
-class DecodeAugment:
-    """Mixture item -> {'image': uint8 (size, size, channels)}, or None for a corrupt record (counted)."""
-
-    def __init__(self, preset: str, size: int, channels: int, seed: int, names: list[str],
-                 max_corrupt_fraction: float, with_labels: bool = False):
-        self.preset, self.size, self.channels, self.seed = preset, size, channels, int(seed)
-        self.names, self.with_labels = names, with_labels
-        self.budget = CorruptRecordBudget(max_corrupt_fraction)
-        self._augment = augment.make_augment(preset, size)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["budget"] = self.budget.max_fraction  # each worker process keeps its own count
-        del state["_augment"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.budget = CorruptRecordBudget(state["budget"])
-        self._augment = augment.make_augment(self.preset, self.size)
-
-    def __call__(self, item: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        raw = item["record"]
-        if isinstance(raw, dict):  # in-memory sources hand out decoded examples
-            example = raw
-        else:
-            try:
-                example = records.decode(raw)
-            except records.CorruptRecordError as e:
-                where = (f"{e.header.get('dataset', self.names[item['dataset']])}/"
-                         f"{e.header.get('source', '?')} (record {item['index']})")
-                self.budget.record_corrupt(where, str(e))
-                return None
-        self.budget.record_ok()
-        image = set_channels(example["image"], self.channels)
-        rng = np.random.default_rng([self.seed, item["dataset"], item["epoch"], item["index"]])
-        out = {"image": self._augment(image, rng)}
-        if self.with_labels:
-            out["label"] = np.int32(example.get("label", -1))
-        return out
+        dataset, rank = self.slot(position)
+        return (dataset, *self.record(dataset, rank))
 
 
 # -------------------------------------------------------------------------------------------- assembly
+
+
+set_channels = augment.set_channels  # the channel rule, also used by embed.py
 
 
 def local_batch_size(global_batch_size: int) -> int:
     """The rows this process contributes; the global batch must split evenly over processes."""
     count = jax.process_count()
     if global_batch_size % count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {count} processes")
+        raise ConfigError(f"global batch size {global_batch_size} is not divisible by the {count} processes")
     return global_batch_size // count
+
+
+def host_threads(input_cfg: Any) -> int:
+    """`input.num_threads` (per process building batches); 0 picks half the cores this process may run on,
+    or, with worker processes, the cores shared out among them.
+
+    Half, in-process: about half of the per-image work holds the GIL, which the threads share with the
+    training loop, and a thread that finds no free core stalls the others while it holds the GIL; on the
+    2-core VM one thread was never slower than two and up to a third faster when the other core was busy
+    (docs/data_pipeline.md). Worker processes have a GIL each.
+    """
+    threads = int(input_cfg.num_threads)
+    if threads > 0:
+        return threads
+    cores, workers = len(os.sched_getaffinity(0)), int(input_cfg.worker_processes)
+    return max(1, cores // workers if workers > 0 else cores // 2)
 
 
 @functools.lru_cache(maxsize=4)
 def _synthetic_images(count: int, size: int, seed: int) -> np.ndarray:
     images, _ = synthetic.SyntheticUltrasound(count, size, seed=seed, lesion_fraction=0.5).materialize()
     return images
+
+
+def _shard_readers(datasets: list[DatasetInfo], preset: str, img_size: int) -> list[shards.RecordReader]:
+    """One reader per dataset, over the stored variant the preset needs (module docstring, step 1)."""
+    readers = []
+    for info in datasets:
+        nearest = info.nearest.get(img_size) if preset in NEAREST_PRESETS else None
+        if preset in NEAREST_PRESETS and nearest is None:
+            log.warning("%s: no stored nearest%d variant (converted before it existed, or with another "
+                        "--nearest_size); %s resizes the stored frames instead, which were capped at "
+                        "max_side=%d: frames larger than that reach the model smoother than in the authors' "
+                        "recipe. Re-convert with --overwrite for the exact pixels (docs/data_pipeline.md).",
+                        info.folder, img_size, preset, info.max_side)
+        # The other stored variant holds the same records: it names the source of a damaged one.
+        paths, aligned = (nearest, info.paths) if nearest else (info.paths, next(iter(info.nearest.values()), ()))
+        reader = shards.RecordReader(paths, aligned=aligned)
+        if len(reader) != info.size:
+            raise DataError(f"{info.folder}: manifest counts {info.size} train records, the shards "
+                             f"{[os.path.basename(p) for p in paths[:3]]}... hold {len(reader)}")
+        readers.append(reader)
+    return readers
 
 
 def _sources(input_cfg: Any, img_size: int) -> tuple[list[Any], list[str], list[int], int]:
@@ -337,14 +309,10 @@ def _sources(input_cfg: Any, img_size: int) -> tuple[list[Any], list[str], list[
         return [InMemorySource(images)], ["synthetic"], [len(images)], 1
     if input_cfg.source == "shards":
         datasets = find_datasets(input_cfg.data_dir)
-        sources = [grain.sources.ArrayRecordDataSource(list(d.paths)) for d in datasets]
-        for info, source in zip(datasets, sources):
-            if len(source) != info.size:
-                raise ValueError(f"{info.folder}: manifest counts {info.size} train records, "
-                                 f"the shards hold {len(source)}")
+        readers = _shard_readers(datasets, str(input_cfg.augment), img_size)
         colour = any(d.channels.get("3", 0) > 0 for d in datasets)
-        return sources, [d.name for d in datasets], [d.size for d in datasets], 3 if colour else 1
-    raise ValueError(f"unknown input source {input_cfg.source!r}; choose synthetic or shards")
+        return readers, [d.name for d in datasets], [d.size for d in datasets], 3 if colour else 1
+    raise ConfigError(f"unknown input source {input_cfg.source!r}; choose synthetic or shards")
 
 
 def build_host_dataset(input_cfg: Any, *, batch_size: int, img_size: int, seed: int, process_index: int = 0,
@@ -353,30 +321,36 @@ def build_host_dataset(input_cfg: Any, *, batch_size: int, img_size: int, seed: 
     # One OpenCV thread per grain thread or worker: OpenCV's own pool would oversubscribe the cores that grain
     # already keeps busy (measured on 2 cores: usf_mae augmentation 0.44 -> 0.36 ms of CPU per image).
     cv2.setNumThreads(1)
+    if str(input_cfg.augment) not in augment.PRESETS:
+        raise ConfigError(f"unknown augmentation preset {input_cfg.augment!r}; choose one of {augment.PRESETS}")
     sources, names, sizes, data_channels = _sources(input_cfg, img_size)
     channels = int(input_cfg.get("channels", 0)) or data_channels
     if channels not in (1, 3):
-        raise ValueError(f"input.channels must be 0 (auto), 1 or 3, got {channels}")
+        raise ConfigError(f"input.channels must be 0 (auto), 1 or 3, got {channels}")
     weights = mixture_weights(input_cfg.weights, sizes) if input_cfg.source == "shards" else np.ones(1)
     mixture = MixtureSource(sources, weights, seed, process_index, process_count, names)
-    decode = DecodeAugment(input_cfg.augment, img_size, channels, seed, names,
-                           float(input_cfg.max_corrupt_fraction), with_labels)
-    dataset = grain.MapDataset.source(mixture).map(decode)
-    stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=int(input_cfg.num_threads),
-                                                       prefetch_buffer_size=int(input_cfg.prefetch_buffer)))
-    stream = stream.batch(batch_size, drop_remainder=True)
+    maker = batching.BatchMaker(mixture, batch_size=batch_size, preset=str(input_cfg.augment), size=img_size,
+                                channels=channels, seed=seed,
+                                max_corrupt_fraction=float(input_cfg.max_corrupt_fraction), with_labels=with_labels)
+    threads = host_threads(input_cfg)
+    buffer = int(input_cfg.prefetch_buffer) or 2 * threads
+    stream = grain.MapDataset.range(sys.maxsize // batch_size).map(maker)
+    stream = stream.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     workers = int(input_cfg.worker_processes)
     if workers > 0:
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
     return stream
 
 
-def describe(input_cfg: Any, img_size: int, seed: int) -> dict[str, Any]:
+def describe(input_cfg: Any, img_size: int, seed: int, *, batch_size: int | None = None) -> dict[str, Any]:
     """What determines the stream; stored with the iterator state to flag a resume onto different data."""
-    return {"source": str(input_cfg.source), "data_dir": str(input_cfg.get("data_dir", "")),
-            "weights": str(input_cfg.get("weights", "")), "augment": str(input_cfg.augment),
-            "img_size": int(img_size), "seed": int(seed), "process_count": jax.process_count(),
-            "worker_processes": int(input_cfg.worker_processes)}
+    description = {"source": str(input_cfg.source), "data_dir": str(input_cfg.get("data_dir", "")),
+                   "weights": str(input_cfg.get("weights", "")), "augment": str(input_cfg.augment),
+                   "img_size": int(img_size), "seed": int(seed), "process_count": jax.process_count(),
+                   "worker_processes": int(input_cfg.worker_processes)}
+    if batch_size is not None:
+        description["batch_size"] = int(batch_size)
+    return description
 
 
 class GlobalBatchIterator:
@@ -420,11 +394,18 @@ class GlobalBatchIterator:
         if not isinstance(state, dict):
             state = json.loads(state)
         saved = state.get("pipeline")
+        grain_state = state.get("grain", state)
+        batch = self._description.get("batch_size")
+        if saved is not None and "data_dirs" in saved and batch and "next_index" in grain_state:
+            # Written before batches were grain's elements (and data_dirs became data_dir): it counted records.
+            grain_state = {**grain_state, "next_index": grain_state["next_index"] // batch}
+            saved = {("data_dir" if k == "data_dirs" else k): v for k, v in saved.items()}
+            saved.setdefault("batch_size", batch)
         if saved is not None and self._description and saved != self._description:
             log.warning("resuming the input pipeline with a different configuration: saved %s, now %s; the "
                         "data order will not continue the interrupted run exactly", saved, self._description)
         self._queue.clear()
-        self._iterator.set_state(state.get("grain", state))
+        self._iterator.set_state(grain_state)
 
     def start_prefetch(self) -> None:
         """Called by grain's checkpoint handler after a restore; batches are fetched on demand instead."""
@@ -436,27 +417,14 @@ class GlobalBatchIterator:
             close()
 
 
-class FrozenIteratorState:
-    """A snapshot of an iterator's state for `grain.checkpoint.CheckpointSave`.
-
-    Orbax may write asynchronously while training goes on; saving a snapshot taken at the step boundary keeps
-    the saved data position in step with the saved train state.
-    """
-
-    def __init__(self, state: bytes):
-        self._state = state
-
-    def get_state(self) -> bytes:
-        return self._state
-
-
 def make_pretrain_iterator(input_cfg: Any, *, global_batch_size: int, img_size: int, seed: int,
                            mesh: Mesh) -> GlobalBatchIterator:
     """Builds the pretraining input: shuffled every epoch, sharded per process, batched, global arrays."""
-    stream = build_host_dataset(input_cfg, batch_size=local_batch_size(global_batch_size), img_size=img_size,
-                                seed=seed, process_index=jax.process_index(), process_count=jax.process_count())
+    batch_size = local_batch_size(global_batch_size)
+    stream = build_host_dataset(input_cfg, batch_size=batch_size, img_size=img_size, seed=seed,
+                                process_index=jax.process_index(), process_count=jax.process_count())
     return GlobalBatchIterator(stream, mesh, prefetch=input_cfg.device_prefetch,
-                               description=describe(input_cfg, img_size, seed))
+                               description=describe(input_cfg, img_size, seed, batch_size=batch_size))
 
 
 def images_per_epoch(input_cfg: Any) -> int:
@@ -465,4 +433,4 @@ def images_per_epoch(input_cfg: Any) -> int:
         return int(input_cfg.synthetic_count)
     if input_cfg.source == "shards":
         return sum(d.size for d in find_datasets(input_cfg.data_dir))
-    raise ValueError(f"unknown input source {input_cfg.source!r}; choose synthetic or shards")
+    raise ConfigError(f"unknown input source {input_cfg.source!r}; choose synthetic or shards")

@@ -4,11 +4,11 @@ Every ArrayRecord shard written by `data_prep` holds records in this format, and
 fine-tuning, the benchmark builders) goes through `decode`. Pickle is deliberately not used: a record is data,
 never code, so a shard from an untrusted source cannot execute anything when it is read.
 
-Layout of format version 1 (all integers little-endian)::
+Layout of format version 2 (all integers little-endian)::
 
     offset  size  content
     0       4     magic b"USFR"
-    4       1     format version (1)
+    4       1     format version (2)
     5       4     header length N (uint32)
     9       N     UTF-8 JSON header, an object with exactly these keys:
                     height   int   image rows
@@ -19,7 +19,15 @@ Layout of format version 1 (all integers little-endian)::
                     subject  str   patient or case id, "" if unknown
                     frame    int   frame or slice index inside `source`, -1 for a still image
                     label    int   class index, -1 if unlabelled
-    9+N     rest  the image as PNG bytes: uint8, 8 bits per sample, grayscale or RGB (never palette or alpha)
+                    codec    str   how the payload stores the pixels: "png" or "raw"
+    9+N     rest  the image: uint8, 8 bits per sample, grayscale or RGB (never palette or alpha), either
+                  as PNG bytes ("png") or as the H * W * C bytes of the (H, W, C) array in C order ("raw")
+
+Version 1 is version 2 without `codec` (always PNG); `decode` reads both. The codec exists for the stored
+image variants (docs/data_pipeline.md): the full frame is PNG (compact, decoded only by the `mae` preset),
+the 224-px nearest-resized copy that the `usf_mae` preset trains on is raw, because decoding it must cost
+nothing next to the augmentation (a PNG decode of even that small image costs more than the whole
+augmentation). A corrupt raw payload is still detected: ArrayRecord's chunk hash covers every record.
 
 Grayscale stays one channel on disk and after `decode` (shape (H, W, 1)); replicating it to three channels is
 the device's job when the model has `in_chans=3` (docs/design.md, "Batches"). Colour images decode as RGB
@@ -40,11 +48,14 @@ import cv2
 import numpy as np
 
 MAGIC = b"USFR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<4sBI")  # magic, version, header length
 HEADER_FIELDS = ("height", "width", "channels", "dataset", "source", "subject", "frame", "label")
-# Fast PNG settings: level 1 deflate costs ~10 % in size against level 9 and is several times faster to write.
-_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+CODECS = ("png", "raw")
+# Fast PNG settings: level 1 deflate costs ~10 % in size against level 9 and is several times faster to write;
+# zlib's run-length strategy then encodes speckle frames 1.5x faster and 3-18 % smaller than the default
+# strategy (docs/data_pipeline.md, section 3).
+_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 
 class CorruptRecordError(ValueError):
@@ -76,18 +87,25 @@ def as_hwc(image: np.ndarray) -> np.ndarray:
 
 
 def encode(image: np.ndarray, *, dataset: str, source: str, subject: str = "", frame: int = -1,
-           label: int = -1) -> bytes:
+           label: int = -1, codec: str = "png") -> bytes:
     """One frame and its metadata -> record bytes (format `FORMAT_VERSION`). See the module docstring."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown record codec {codec!r}; choose one of {CODECS}")
     image = as_hwc(image)
     height, width, channels = image.shape
-    pixels = image[:, :, 0] if channels == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(pixels), _PNG_PARAMS)
-    if not ok:
-        raise ValueError(f"PNG encoding failed for {dataset}/{source}")
+    if codec == "raw":
+        payload = np.ascontiguousarray(image).tobytes()
+    else:
+        pixels = image[:, :, 0] if channels == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # OpenCV: BGR
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(pixels), _PNG_PARAMS)
+        if not ok:
+            raise ValueError(f"PNG encoding failed for {dataset}/{source}")
+        payload = png.tobytes()
     header = {"height": int(height), "width": int(width), "channels": int(channels), "dataset": str(dataset),
-              "source": str(source), "subject": str(subject), "frame": int(frame), "label": int(label)}
+              "source": str(source), "subject": str(subject), "frame": int(frame), "label": int(label),
+              "codec": codec}
     header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + png.tobytes()
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
 
 
 def _split(record: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -112,33 +130,64 @@ def _split(record: bytes) -> tuple[dict[str, Any], memoryview]:
     missing = [k for k in HEADER_FIELDS if k not in header]
     if missing:
         raise CorruptRecordError(f"header lacks fields {missing}", header)
+    header.setdefault("codec", "png")  # format 1
+    if header["codec"] not in CODECS:
+        raise CorruptRecordError(f"unknown codec {header['codec']!r}", header)
     return header, view[end:]
 
 
 def decode_header(record: bytes) -> dict[str, Any]:
-    """The metadata of a record (every field but the image), without decoding the PNG."""
+    """The metadata of a record (every field but the image), without decoding the pixels."""
     return _split(record)[0]
+
+
+def find_header(data: bytes) -> dict[str, Any] | None:
+    """The header of the first record found in `data` (e.g. the raw bytes of a damaged shard chunk), or None.
+
+    Lets the pipeline name the source of a record that ArrayRecord refuses to read: the header usually
+    survives a damaged byte elsewhere in the record.
+    """
+    start = data.find(MAGIC)
+    while start >= 0:
+        try:
+            return _split(data[start:])[0]
+        except CorruptRecordError:
+            start = data.find(MAGIC, start + 1)
+    return None
 
 
 def image_bytes(record: bytes) -> bytes:
     """The record's PNG payload, for readers that decode it themselves (e.g. the PIL baseline benchmark)."""
-    return bytes(_split(record)[1])
+    header, payload = _split(record)
+    if header["codec"] != "png":
+        raise ValueError(f"{header['dataset']}/{header['source']}: the record stores {header['codec']} pixels, "
+                         "not PNG")
+    return bytes(payload)
 
 
 def decode(record: bytes) -> dict[str, Any]:
     """record bytes -> {'image': uint8 (H, W, C), 'height', 'width', 'dataset', 'source', 'subject', 'frame',
-    'label'}. Raises `CorruptRecordError` (a ValueError) naming the record's dataset/source when it can."""
-    header, png = _split(record)
+    'label'}. Raises `CorruptRecordError` (a ValueError) naming the record's dataset/source when it can.
+
+    A raw payload comes back as a read-only view of `record` (no copy); a PNG payload is decoded.
+    """
+    header, payload = _split(record)
     where = f"{header.get('dataset', '?')}/{header.get('source', '?')}"
-    flags = cv2.IMREAD_GRAYSCALE if header["channels"] == 1 else cv2.IMREAD_COLOR
-    pixels = cv2.imdecode(np.frombuffer(png, np.uint8), flags) if len(png) else None
-    if pixels is None:
-        raise CorruptRecordError(f"{where}: the PNG payload ({len(png)} bytes) does not decode", header)
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    else:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     expected = (header["height"], header["width"], header["channels"])
-    if pixels.shape != expected:
-        raise CorruptRecordError(f"{where}: image is {pixels.shape}, header says {expected}", header)
+    if header["codec"] == "raw":
+        if len(payload) != expected[0] * expected[1] * expected[2]:
+            raise CorruptRecordError(f"{where}: the raw payload has {len(payload)} bytes, header says "
+                                     f"{expected}", header)
+        pixels = np.frombuffer(payload, np.uint8).reshape(expected)
+    else:
+        flags = cv2.IMREAD_GRAYSCALE if header["channels"] == 1 else cv2.IMREAD_COLOR
+        pixels = cv2.imdecode(np.frombuffer(payload, np.uint8), flags) if len(payload) else None
+        if pixels is None:
+            raise CorruptRecordError(f"{where}: the PNG payload ({len(payload)} bytes) does not decode", header)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        else:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+        if pixels.shape != expected:
+            raise CorruptRecordError(f"{where}: image is {pixels.shape}, header says {expected}", header)
     return {**{k: header[k] for k in HEADER_FIELDS if k != "channels"}, "image": pixels}

@@ -32,29 +32,31 @@ NO_LESION, BENIGN, MALIGNANT = -1, 0, 1
 LABEL_NAMES = ("benign", "malignant")
 
 
-def _field_of_view(size: int, rng: np.random.Generator, probe: str) -> tuple[np.ndarray, np.ndarray]:
+def _field_of_view(height: int, width: int, rng: np.random.Generator,
+                   probe: str) -> tuple[np.ndarray, np.ndarray]:
     """Returns (inside mask, depth in [0, 1]) for a convex or linear probe geometry."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     if probe == "linear":
-        margin = rng.uniform(0.05, 0.15) * size
-        inside = (xx >= margin) & (xx <= size - margin) & (yy >= 0.04 * size)
-        depth = np.clip((yy - 0.04 * size) / (0.96 * size), 0, 1)
+        margin = rng.uniform(0.05, 0.15) * width
+        inside = (xx >= margin) & (xx <= width - margin) & (yy >= 0.04 * height)
+        depth = np.clip((yy - 0.04 * height) / (0.96 * height), 0, 1)
         return inside, depth
-    apex_y = -rng.uniform(0.15, 0.4) * size
+    apex_y = -rng.uniform(0.15, 0.4) * height
     half_angle = np.deg2rad(rng.uniform(30, 40))
-    radius = np.hypot(xx - size / 2, yy - apex_y)
-    angle = np.arctan2(xx - size / 2, yy - apex_y)
-    r_min, r_max = -apex_y + 0.04 * size, size * 0.98 - apex_y
+    radius = np.hypot(xx - width / 2, yy - apex_y)
+    angle = np.arctan2(xx - width / 2, yy - apex_y)
+    r_min, r_max = -apex_y + 0.04 * height, height * 0.98 - apex_y
     inside = (np.abs(angle) <= half_angle) & (radius >= r_min) & (radius <= r_max)
     depth = np.clip((radius - r_min) / (r_max - r_min), 0, 1)
     return inside, depth
 
 
-def _lesion_mask(size: int, rng: np.random.Generator, kind: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+def _lesion_mask(height: int, width: int, rng: np.random.Generator,
+                 kind: int) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A lesion mask and its (centre x, centre y, lateral radius), with a boundary shape that depends on kind."""
-    cx = rng.uniform(0.35, 0.65) * size
-    cy = rng.uniform(0.35, 0.6) * size
-    radius = rng.uniform(0.09, 0.16) * size
+    cx = rng.uniform(0.35, 0.65) * width
+    cy = rng.uniform(0.35, 0.6) * height
+    radius = rng.uniform(0.09, 0.16) * min(height, width)
     theta = np.linspace(0, 2 * np.pi, 180, endpoint=False)
     if kind == BENIGN:  # round to oval, wider than tall, smooth boundary
         rx, ry = radius * rng.uniform(1.1, 1.5), radius * rng.uniform(0.7, 0.9)
@@ -66,54 +68,58 @@ def _lesion_mask(size: int, rng: np.random.Generator, kind: int) -> tuple[np.nda
             r += rng.uniform(0.08, 0.18) * np.sin(harmonic * theta + rng.uniform(0, 2 * np.pi))
         r = np.clip(r, 0.55, None)
     pts = np.stack([cx + rx * r * np.cos(theta), cy + ry * r * np.sin(theta)], axis=1)
-    mask = np.zeros((size, size), np.uint8)
+    mask = np.zeros((height, width), np.uint8)
     cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
     return mask.astype(bool), (cx, cy, rx)
 
 
 def _add_fat_lobules(reflectivity: np.ndarray, rng: np.random.Generator) -> None:
     """Darkens 1-3 flat smooth ovals in the upper half (fat lobules), in place."""
-    size = reflectivity.shape[0]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    height, width = reflectivity.shape
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     for _ in range(rng.integers(1, 4)):
-        cx, cy = rng.uniform(0.15, 0.85) * size, rng.uniform(0.12, 0.45) * size
-        rx, ry = rng.uniform(0.08, 0.16) * size, rng.uniform(0.03, 0.06) * size
+        cx, cy = rng.uniform(0.15, 0.85) * width, rng.uniform(0.12, 0.45) * height
+        rx, ry = rng.uniform(0.08, 0.16) * width, rng.uniform(0.03, 0.06) * height
         tilt = rng.uniform(-0.3, 0.3)
         u = ((xx - cx) * np.cos(tilt) + (yy - cy) * np.sin(tilt)) / rx
         v = (-(xx - cx) * np.sin(tilt) + (yy - cy) * np.cos(tilt)) / ry
         reflectivity[u * u + v * v <= 1.0] *= rng.uniform(0.1, 0.3)
 
 
-def synthesize(size: int, rng: np.random.Generator, lesion: int = NO_LESION, probe: str | None = None,
-               fat_lobules: bool = False) -> np.ndarray:
-    """One synthetic B-mode image, uint8 (size, size), black outside the field of view."""
+def synthesize(size: int | tuple[int, int], rng: np.random.Generator, lesion: int = NO_LESION,
+               probe: str | None = None, fat_lobules: bool = False) -> np.ndarray:
+    """One synthetic B-mode image, uint8 (size, size) or (height, width) for size=(height, width), black
+    outside the field of view."""
     return synthesize_with_mask(size, rng, lesion, probe, fat_lobules)[0]
 
 
-def synthesize_with_mask(size: int, rng: np.random.Generator, lesion: int = NO_LESION, probe: str | None = None,
-                         fat_lobules: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(image uint8 (size, size), lesion mask bool (size, size)); the mask is all False without a lesion."""
+def synthesize_with_mask(size: int | tuple[int, int], rng: np.random.Generator, lesion: int = NO_LESION,
+                         probe: str | None = None, fat_lobules: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8, lesion mask bool), both (size, size) or (height, width); the mask is all False without a
+    lesion."""
+    height, width = (size, size) if isinstance(size, int) else size
     probe = probe or ("convex" if rng.random() < 0.6 else "linear")
-    inside, depth = _field_of_view(size, rng, probe)
-    yy = np.arange(size, dtype=np.float32)[:, None] / size
+    inside, depth = _field_of_view(height, width, rng, probe)
+    yy = np.arange(height, dtype=np.float32)[:, None] / height
 
     # Tissue reflectivity: a few horizontal layers with smooth boundaries, plus fine texture.
-    reflectivity = np.full((size, size), rng.uniform(0.6, 1.0), np.float32)
+    reflectivity = np.full((height, width), rng.uniform(0.6, 1.0), np.float32)
     for _ in range(rng.integers(2, 5)):
         boundary = rng.uniform(0.1, 0.9) + 0.05 * np.sin(
-            np.linspace(0, rng.uniform(1, 4) * np.pi, size) + rng.uniform(0, 6))[None, :]
+            np.linspace(0, rng.uniform(1, 4) * np.pi, width) + rng.uniform(0, 6))[None, :]
         reflectivity = np.where(yy > boundary, reflectivity * rng.uniform(0.5, 1.6), reflectivity)
-    reflectivity *= 1.0 + 0.3 * cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0), 4)
+    noise = rng.standard_normal((height, width)).astype(np.float32)
+    reflectivity *= 1.0 + 0.3 * cv2.GaussianBlur(noise, (0, 0), 4)
     reflectivity = np.clip(reflectivity, 0.05, None)
     if fat_lobules:
         _add_fat_lobules(reflectivity, rng)
 
-    mask = np.zeros((size, size), bool)
+    mask = np.zeros((height, width), bool)
     if lesion != NO_LESION:
-        mask, (cx, _, rx) = _lesion_mask(size, rng, lesion)
+        mask, (cx, _, rx) = _lesion_mask(height, width, rng, lesion)
         reflectivity[mask] *= rng.uniform(0.08, 0.25)  # hypoechoic interior
         below = np.zeros_like(mask)
-        cols = np.abs(np.arange(size) - cx) <= rx * 0.9
+        cols = np.abs(np.arange(width) - cx) <= rx * 0.9
         bottom = np.max(np.where(mask.any(axis=1))[0])
         below[bottom:, cols] = True
         below &= ~mask
@@ -121,7 +127,7 @@ def synthesize_with_mask(size: int, rng: np.random.Generator, lesion: int = NO_L
         reflectivity[below] *= rng.uniform(0.15, 0.35) if lesion == MALIGNANT else rng.uniform(1.2, 1.5)
 
     # Speckle: complex Gaussian scatterers through an anisotropic PSF, then the envelope.
-    scatter = (rng.standard_normal((size, size)) + 1j * rng.standard_normal((size, size))).astype(np.complex64)
+    scatter = (rng.standard_normal((height, width)) + 1j * rng.standard_normal((height, width))).astype(np.complex64)
     scatter *= np.sqrt(reflectivity)
     sigma_lateral, sigma_axial = rng.uniform(1.2, 2.2), rng.uniform(0.5, 0.9)
     real = cv2.GaussianBlur(scatter.real.copy(), (0, 0), sigmaX=sigma_lateral, sigmaY=sigma_axial)

@@ -2,16 +2,18 @@
 
     python -m usf_mae_jax.interop [--verbose] import --checkpoint X.pth --out DIR [--heads H]
         [--allow_unexpected]
-    python -m usf_mae_jax.interop [--verbose] export --checkpoint DIR_or_X.pth --out Y.safetensors
-        [--format mae|timm_vit] [--heads H] [--overwrite]
+    python -m usf_mae_jax.interop [--verbose] export --checkpoint WORKDIR_or_DIR_or_X.pth --out Y.safetensors
+        [--format mae|timm_vit] [--step N] [--heads H] [--overwrite]
 
 `import` writes an Orbax checkpoint directory that `init` accepts (`torch_mae.load_pretrained`):
     DIR/params                  ocp.StandardCheckpointer save of the nested params dict
     DIR/model_config.json       dataclasses.asdict(ModelConfig)
     DIR/conversion_report.json  the key report (used / missing / unexpected / verified / ignored)
 `export` writes torch state-dict keys (reference MAE or timm ViT) as safetensors, with the model config in the
-file's metadata, through a temporary file renamed at the end; it refuses to replace an existing file unless
-`--overwrite`. Both print the key report and the time taken.
+file's metadata. Its source is a pretraining or fine-tuning workdir (read-only: its newest checkpoint, or
+`--step N`; the best state when the run selected one), an import directory or a `.pth`. The file is written
+through a temporary file renamed at the end; it refuses to replace an existing file unless `--overwrite`.
+Both print the key report and the time taken.
 
 Both run under `usf_mae_jax.cli.run_cli`: an unsafe or unrecognised checkpoint, a missing file, an existing
 output or a full disk prints one line, `python -m usf_mae_jax.interop <command>: <message>`, and exits
@@ -44,7 +46,22 @@ class _OneLineParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
-def _load(checkpoint: str, **kwargs) -> tuple[dict, torch_mae.ModelConfig, dict]:
+def _load_workdir(workdir: str, step: int | None) -> tuple[dict, torch_mae.ModelConfig, dict]:
+    """(params, config, report) of a training workdir's checkpoint, read without writing to the workdir."""
+    from usf_mae_jax.core import checkpoint
+
+    params, fields = checkpoint.load_params(workdir, step)
+    if fields is None:
+        raise CheckpointError(f"{workdir} records no model (no resolved_model in its config.json)")
+    if "patch_embed" not in params:
+        raise CheckpointError(f"{workdir} holds only a probe head, no encoder; export the init it was "
+                              "trained on instead")
+    known = {f.name for f in dataclasses.fields(torch_mae.ModelConfig)}
+    config = torch_mae.ModelConfig(**{k: v for k, v in fields.items() if k in known})
+    return params, config, {"source": os.path.abspath(workdir)}
+
+
+def _load(checkpoint: str, step: int | None = None, **kwargs) -> tuple[dict, torch_mae.ModelConfig, dict]:
     """`torch_mae.load_pretrained`, with a missing path and a checkpoint it cannot convert as UserErrors.
 
     The loader reports an incompatible state dict (no preset for its width, a shape that does not fit) as a
@@ -53,6 +70,10 @@ def _load(checkpoint: str, **kwargs) -> tuple[dict, torch_mae.ModelConfig, dict]
     """
     if not os.path.exists(checkpoint):
         raise MissingInputError(f"checkpoint {checkpoint} does not exist")
+    if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+        return _load_workdir(checkpoint, step)
+    if step is not None:
+        raise ConfigError(f"--step applies to a training workdir; {checkpoint} is not one")
     try:
         return torch_mae.load_pretrained(checkpoint, **kwargs)
     except UserError:
@@ -87,7 +108,7 @@ def import_checkpoint(checkpoint: str, out: str, heads: int | None = None,
 
 
 def export_checkpoint(checkpoint: str, out: str, fmt: str = "mae", heads: int | None = None,
-                      overwrite: bool = False) -> dict[str, np.ndarray]:
+                      overwrite: bool = False, step: int | None = None) -> dict[str, np.ndarray]:
     """Writes the torch keys of an import directory (or a .pth) as safetensors; returns the tensors.
 
     `heads` only matters for a .pth source: it is recorded in the file's metadata. An existing `out` is
@@ -98,7 +119,7 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str = "mae", heads: int | 
         raise ConfigError(f"--out {out} is a folder; name the .safetensors file to write")
     if os.path.lexists(out) and not overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
-    params, config, _ = _load(checkpoint, heads=heads)
+    params, config, _ = _load(checkpoint, step, heads=heads)
     tensors = torch_mae.flax_to_torch(params, config, fmt)
     metadata = {"format": fmt, "model_config": json.dumps(dataclasses.asdict(config))}
     temp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp")
@@ -126,11 +147,12 @@ def _parse_and_run(argv: list[str]) -> int:
                           help="encoder heads; default: from the size preset with the same width")
     importer.add_argument("--allow_unexpected", action="store_true",
                           help="ignore checkpoint keys the conversion does not understand")
-    exporter = commands.add_parser("export", help="import directory (or .pth) -> .safetensors torch keys")
+    exporter = commands.add_parser("export", help="workdir, import directory or .pth -> .safetensors torch keys")
     exporter.add_argument("--checkpoint", required=True)
     exporter.add_argument("--out", required=True)
     exporter.add_argument("--format", choices=torch_mae.EXPORT_FORMATS, default="mae")
     exporter.add_argument("--heads", type=int, default=None, help="encoder heads of a .pth source")
+    exporter.add_argument("--step", type=int, default=None, help="the checkpoint step of a workdir (default: newest)")
     exporter.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     for sub in (importer, exporter):
         sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -143,7 +165,7 @@ def _parse_and_run(argv: list[str]) -> int:
         print(torch_mae.format_report(report))
         print(f"wrote {os.path.abspath(args.out)} in {time.perf_counter() - start:.2f} s")
     else:
-        tensors = export_checkpoint(args.checkpoint, args.out, args.format, args.heads, args.overwrite)
+        tensors = export_checkpoint(args.checkpoint, args.out, args.format, args.heads, args.overwrite, args.step)
         print(f"exported {len(tensors)} tensors in {args.format} format: {', '.join(sorted(tensors)[:6])}, ...")
         print(f"wrote {args.out} in {time.perf_counter() - start:.2f} s")
     return 0

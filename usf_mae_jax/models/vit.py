@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from usf_mae_jax.models import attention as kernels
+
 LN_EPS = 1e-6
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,7 +71,7 @@ class ModelConfig:
     decoder_heads: int = 16
     norm_pix_loss: bool = False
     dtype: str = "float32"
-    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+    attention: str = "auto"  # auto | custom | xla | cudnn (models/attention.py)
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -82,8 +84,8 @@ class ModelConfig:
                 raise ValueError(f"{what} width {width} must be divisible by 4 for the 2-D sin-cos table")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.attention not in ("xla", "cudnn"):
-            raise ValueError(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
+        if self.attention not in kernels.IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {kernels.IMPLEMENTATIONS}, got {self.attention!r}")
 
     @property
     def grid(self) -> int:
@@ -240,11 +242,15 @@ class PatchEmbed(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused qkv projection (timm `Attention`)."""
+    """Multi-head self-attention with a fused qkv projection (timm `Attention`).
 
-    def __init__(self, width: int, heads: int, dtype, rngs: nnx.Rngs, implementation: str = "xla"):
+    `implementation` names the kernel (models/attention.py); 'auto' is resolved when the model is traced, from
+    the platform it runs on, the compute dtype and the head dim.
+    """
+
+    def __init__(self, width: int, heads: int, dtype, rngs: nnx.Rngs, implementation: str = "auto"):
         self.heads = heads
-        self.implementation = None if implementation == "xla" else implementation
+        self.implementation = implementation
         self.qkv = dense(width, 3 * width, dtype, rngs)
         self.proj = dense(width, width, dtype, rngs)
 
@@ -253,56 +259,8 @@ class Attention(nnx.Module):
         head_dim = width // self.heads
         # qkv rows are [q | k | v], each head-major: reshape (B, N, 3, H, hd) as the reference does.
         qkv = tokens_2d(self.qkv, x).reshape(batch, length, 3, self.heads, head_dim)
-        if self.implementation is not None:
-            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=head_dim**-0.5,
-                                               implementation=self.implementation)
-            return self.proj(out.reshape(batch, length, width))
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B, H, N, hd) each
-        out = softmax_attention(q * np.asarray(head_dim**-0.5, q.dtype), k, v)
-        return tokens_2d(self.proj, out.transpose(0, 2, 1, 3).reshape(batch, length, width))
-
-
-# XLA folds the final swapaxes of dK^T and dV^T back into their matmuls, which turns them into the transposed-
-# LHS contraction that XLA:CPU runs single-threaded with heavy operand packing. An optimization barrier on the
-# CPU keeps the row-major form. Measured on a 2-core CPU: at the decoder's 197 tokens (head dim 32) each of the
-# two matmuls takes ~10 ms instead of ~19 ms; at the encoder's 50 kept tokens the barrier costs more than it
-# saves (1.4 ms vs 0.9 ms), hence the threshold. Other platforms never see the barrier.
-PIN_TRANSPOSED_GRADS_MIN_TOKENS = 128
-
-
-@jax.custom_vjp
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T) v over (B, H, N, hd) arrays, softmax statistics in float32.
-
-    The gradient is written by hand so that every matmul, forward and backward, multiplies row-major operands
-    without transposing an (N, N) matrix: only the small (N, hd) operands are transposed. XLA's CPU backend
-    otherwise falls back to slow strided contractions for two of the four backward matmuls (about 20% of the
-    attention time at N = 197). The values are the same function and gradient as autodiff's.
-    """
-    return _attention_forward(q, k, v)[0]
-
-
-def _attention_forward(q, k, v):
-    k_t = jnp.swapaxes(k, -1, -2)
-    weights = jax.nn.softmax((q @ k_t).astype(jnp.float32), axis=-1).astype(v.dtype)
-    return weights @ v, (q, k_t, v, weights)
-
-
-def _attention_backward(residuals, d_out):
-    q, k_t, v, weights = residuals
-    d_weights = (d_out @ jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
-    w32 = weights.astype(jnp.float32)
-    d_logits = (w32 * (d_weights - jnp.sum(d_weights * w32, axis=-1, keepdims=True))).astype(q.dtype)
-    d_q = d_logits @ jnp.swapaxes(k_t, -1, -2)
-    d_k_t = jnp.swapaxes(q, -1, -2) @ d_logits
-    d_v_t = jnp.swapaxes(d_out, -1, -2) @ weights
-    if q.shape[-2] >= PIN_TRANSPOSED_GRADS_MIN_TOKENS:
-        d_k_t, d_v_t = jax.lax.platform_dependent((d_k_t, d_v_t), cpu=jax.lax.optimization_barrier,
-                                                  default=lambda grads: grads)
-    return d_q, jnp.swapaxes(d_k_t, -1, -2), jnp.swapaxes(d_v_t, -1, -2)
-
-
-softmax_attention.defvjp(_attention_forward, _attention_backward)
+        kernel = kernels.resolve(self.implementation, qkv.dtype, head_dim)
+        return tokens_2d(self.proj, kernels.multi_head_attention(qkv, kernel))
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -344,7 +302,7 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, dtype, rngs: nnx.Rngs,
-                 attention: str = "xla", drop_path_rate: float = 0.0):
+                 attention: str = "auto", drop_path_rate: float = 0.0):
         self.drop_path_rate = drop_path_rate
         self.norm1 = layer_norm(width, dtype, rngs)
         self.attn = Attention(width, heads, dtype, rngs, attention)

@@ -16,6 +16,9 @@ Order of work, so that every configuration error surfaces before anything is com
      `ckpt_every` steps, at the end, and at the first step boundary after SIGTERM or a preemption notice;
   6. the task's test runs once, on the best (or final) state, into `results.json` and `history.json`.
 
+Every evaluation is also a line of `evals.jsonl` (rewritten from the checkpoint's record on resume, so a
+killed run's later evaluations never appear twice) and an `eval/...` TensorBoard scalar.
+
 Randomness: the step key is `fold_in(key(seed), step)` with the step read from the state (docs/design.md,
 "Randomness"); tasks fold in their own streams. A resumed run therefore draws exactly the masks, drop paths and
 batches of an uninterrupted one.
@@ -23,7 +26,9 @@ batches of an uninterrupted one.
 Non-finite guard: a step whose loss or gradient norm is not finite leaves params, optimizer state and extra
 state unchanged on the device and raises a flag; the loop then stops with the step number, the newest
 checkpoint intact. On the CPU the guard is a `lax.cond` around the optimizer update, so the donated state is
-updated in place (a `where(finite, new, old)` made XLA copy the whole state every step, docs/performance.md).
+updated in place (a `where(finite, new, old)` made XLA copy the whole state every step, docs/performance.md);
+on GPUs and TPUs it is that select, fused into the update, because XLA:GPU would sync with the host on the
+conditional's predicate every step (`make_train_step`, docs/accelerators.md).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from usf_mae_jax import accelerators
 from usf_mae_jax.cli import ConfigError, UserError
 from usf_mae_jax.core import checkpoint, files, optim, reporting, sharding, steps, trees
 from usf_mae_jax.core.steps import StepPlan
@@ -48,7 +54,7 @@ from usf_mae_jax.trainers.task import Task
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE, HISTORY_FILE, CONFIG_FILE = "results.json", "history.json", "config.json"
+RESULTS_FILE, HISTORY_FILE, CONFIG_FILE, EVALS_FILE = "results.json", "history.json", "config.json", "evals.jsonl"
 
 
 class TrainingDivergedError(UserError, FloatingPointError):
@@ -85,8 +91,28 @@ class Setup:
         return best
 
 
-def make_train_step(task: Task, tx, schedule, *, seed: int, grad_accum_steps: int, has_extra: bool):
-    """The pure step: forward, backward, guarded optimizer update and metrics, all on the device."""
+GUARDS = ("auto", "cond", "select")
+
+
+def make_train_step(task: Task, tx, schedule, *, seed: int, grad_accum_steps: int, has_extra: bool,
+                    guard: str = "auto"):
+    """The pure step: forward, backward, guarded optimizer update and metrics, all on the device.
+
+    `guard` is how a non-finite step is kept from changing the state:
+      cond    `lax.cond(finite, update, keep)`. XLA:CPU then updates the donated state in place; a select made
+              it copy the whole state every step (docs/performance.md). XLA:GPU, however, evaluates a
+              conditional's predicate on the host, which waits for the forward and backward pass to finish
+              before it can launch the update: a host sync every step.
+      select  the update is always computed and `where(finite, new, old)` picks per element. On GPUs and TPUs
+              the select fuses into the optimizer's elementwise update, which then writes the donated buffers
+              in place; nothing waits for the host.
+      auto    cond on the CPU, select elsewhere (`lax.platform_dependent`: the branch is chosen when the step is
+              lowered for its platform, so each compiler sees only its own). On the CPU it compiles to the same
+              program as `cond`.
+    Either way a non-finite step leaves params and optimizer state bit-for-bit unchanged.
+    """
+    if guard not in GUARDS:
+        raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
 
     def apply_update(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -95,6 +121,20 @@ def make_train_step(task: Task, tx, schedule, *, seed: int, grad_accum_steps: in
     def keep_state(params, opt_state, grads):
         del grads
         return params, opt_state
+
+    def guarded_update(finite, params, opt_state, grads):
+        def by_cond(*operands):
+            return jax.lax.cond(finite, apply_update, keep_state, *operands)
+
+        def by_select(*operands):
+            return jax.tree.map(lambda new, old: jnp.where(finite, new, old), apply_update(*operands),
+                                keep_state(*operands))
+
+        if guard == "cond":
+            return by_cond(params, opt_state, grads)
+        if guard == "select":
+            return by_select(params, opt_state, grads)
+        return jax.lax.platform_dependent(params, opt_state, grads, cpu=by_cond, default=by_select)
 
     def train_step(state, batch):
         step = state["step"]
@@ -107,8 +147,7 @@ def make_train_step(task: Task, tx, schedule, *, seed: int, grad_accum_steps: in
         (loss, (metrics, new_extra)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.lax.cond(finite, apply_update, keep_state, state["params"], state["opt_state"],
-                                         grads)
+        params, opt_state = guarded_update(finite, state["params"], state["opt_state"], grads)
         new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
         if has_extra:
             new_state["extra"] = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_extra, extra)
@@ -119,8 +158,12 @@ def make_train_step(task: Task, tx, schedule, *, seed: int, grad_accum_steps: in
     return train_step
 
 
-def build(config: Any, task: Task, mesh: Mesh) -> Setup:
-    """Plan, optimizer, abstract state with its shardings, and the jitted init / step (nothing runs yet)."""
+def build(config: Any, task: Task, mesh: Mesh, *, guard: str = "auto") -> Setup:
+    """Plan, optimizer, abstract state with its shardings, and the jitted init / step (nothing runs yet).
+
+    `guard` chooses the non-finite guard (`make_train_step`); the step is compiled with the platform's XLA
+    options (usf_mae_jax/accelerators.py).
+    """
     plan = steps.plan(config, task.examples_per_epoch(), sharding.data_parallel_size(mesh), jax.process_count())
     variables = jax.eval_shape(task.create_variables)
     has_extra = bool(jax.tree.leaves(variables.get("extra", {})))
@@ -142,9 +185,10 @@ def build(config: Any, task: Task, mesh: Mesh) -> Setup:
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                                   state_shardings)
     step_fn = make_train_step(task, tx, schedule, seed=int(config.seed), grad_accum_steps=plan.grad_accum_steps,
-                              has_extra=has_extra)
+                              has_extra=has_extra, guard=guard)
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,),
+                         compiler_options=accelerators.mesh_compiler_options(mesh))
     best_shardings = {"params": state_shardings["params"]}
     if has_extra:
         best_shardings["extra"] = state_shardings["extra"]
@@ -295,6 +339,10 @@ def _train(config: Any, workdir: str, task: Task, setup: Setup, ckpt: checkpoint
         if weights:
             state = load_initial_weights(state, setup, dict(weights), str(config.get("init")))
     writer = reporting.MetricWriter(workdir, resume_step=start_step or None)
+    evals_path = os.path.join(workdir, EVALS_FILE)
+    if jax.process_index() == 0 and (record["evaluations"] or os.path.exists(evals_path)):
+        # The checkpoint's record is the truth: a killed run may have appended evaluations after it.
+        files.write_text(evals_path, "".join(json.dumps(files.json_safe(e)) + "\n" for e in record["evaluations"]))
     progress = reporting.Progress(start_step, plan.total_steps)
     losses: list[float] = []
     window: list[float] = []
@@ -324,6 +372,9 @@ def _train(config: Any, workdir: str, task: Task, setup: Setup, ckpt: checkpoint
         if not metrics:
             return
         record["evaluations"].append({"step": step_done, **metrics})
+        if jax.process_index() == 0:
+            with open(evals_path, "a") as f:
+                f.write(json.dumps(files.json_safe(record["evaluations"][-1])) + "\n")
         writer.scalars(step_done, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
         if selecting:
             value = float(metrics[task.select_metric])

@@ -11,6 +11,8 @@ shards of `input.data_dir` (or synthetic images), whose position is part of ever
 interop import directory or another workdir) over the fresh model when the run starts; tensors the source
 lacks (e.g. the decoder of an encoder-only release) keep their fresh initialisation, and the reconstruction
 grids then say so. Every `vis_steps` a grid of reconstructions goes to `workdir/vis/` and TensorBoard.
+With `evals.sets`, ridge and k-NN probes of the encoder run at step 0 and every `eval_steps`
+(evaluators/probes.py), so the curve of the representation sits next to the loss.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from jax.sharding import Mesh
 from usf_mae_jax.core import checkpoint, optim, sharding, trees
 from usf_mae_jax.core.steps import StepPlan
 from usf_mae_jax.data import pipeline
-from usf_mae_jax.evaluators import reconstruction
+from usf_mae_jax.evaluators import probes, reconstruction
 from usf_mae_jax.models import vit
 from usf_mae_jax.models.mae import MaskedAutoencoder, validate_mask_ratio
 from usf_mae_jax.trainers.task import Task
@@ -71,13 +73,20 @@ class PretrainTask(Task):
         self._vis_fn = None
         self._plan: StepPlan | None = None
         self._workdir = ""
+        self._probes: probes.ProbeEvaluator | None = None
+        self.evaluate_at_start = bool(probes.parse_sets(config.evals.sets))  # every curve has its baseline
 
     def prepare(self, mesh: Mesh, workdir: str) -> None:
         self._mesh, self._workdir = mesh, workdir
         self._examples = pipeline.images_per_epoch(self.config.input)
-        if self.config.get("preset") == "usf_mae" and not self.config.init:
+        self._init_params = None
+        if self.config.init:  # read now, so that a missing or unsafe file fails before anything is written
+            self._init_params, _ = checkpoint.load_params(self.config.init)
+        elif self.config.get("preset") == "usf_mae":
             log.warning("the usf_mae recipe continues from the ImageNet MAE weights, but config.init is not set: "
                         "pretraining starts from random weights. Pass --config.init=mae_pretrain_vit_base_full.pth")
+        if self.evaluate_at_start:
+            self._probes = probes.ProbeEvaluator(self.config.evals, self.graphdef, self._model_config, mesh)
 
     def examples_per_epoch(self) -> int:
         return self._examples
@@ -90,10 +99,9 @@ class PretrainTask(Task):
         return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "extra": {}}
 
     def initial_weights(self) -> dict[str, np.ndarray] | None:
-        if not self.config.init:
+        if self._init_params is None:
             return None
-        params, _ = checkpoint.load_params(self.config.init)
-        weights = trees.flatten(params)
+        weights = trees.flatten(self._init_params)
         _, shapes = abstract_mae(self._model_config)
         ours = set(trees.flatten(shapes))
         self.decoder_fresh = not any(n.startswith("decoder_") and n in ours for n in weights)
@@ -111,6 +119,13 @@ class PretrainTask(Task):
         return pipeline.make_pretrain_iterator(self.config.input, global_batch_size=plan.batch_size,
                                                img_size=self._model_config.img_size, seed=int(self.config.seed),
                                                mesh=mesh)
+
+    def evaluate(self, variables: dict, step: int) -> dict[str, float]:
+        return self._probes(variables["params"]) if self._probes is not None else {}
+
+    def close(self) -> None:
+        if self._probes is not None:
+            self._probes.close()
 
     def after_step(self, step: int, variables: dict, batch: dict, writer: Any) -> None:
         every = int(self.config.vis_steps)
