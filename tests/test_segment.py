@@ -3,7 +3,8 @@
 Fast tests use 32-48 px trees and the `runlocal` preset (a 2-block mu model, a few steps): the presets, the
 run's files, the three benchmarks' data paths, init from a pretraining workdir and from a `.pth`, resume after
 kill -9, the cross-validation table, and a short learning run that must beat the all-foreground baseline. The
-learning target on 128 px images is `@pytest.mark.slow` with its CPU budget.
+learning target on 128 px images (8 minutes on 2 cores) is `@pytest.mark.target`, outside the default run:
+`pytest -m target tests/test_segment.py` reproduces it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import cv2
 import jax
@@ -296,14 +296,7 @@ def test_a_short_run_learns_more_than_the_all_foreground_baseline(tmp_path):
     assert max(e["dice"] for e in evaluations[1:]) > evaluations[0]["dice"]
 
 
-# Budget of the learning target on the 2 shared CPU cores this project is developed on: the run this test
-# reproduces took 961 s wall (1240 steps of 16 at 128 px, 23.8 training images/s) next to a second run at load
-# average 6-9, and this test alone 477 s at load 4-6; both reached test Dice 0.875 (docs/segmentation.md,
-# "Measured"). The budget leaves room for a busier machine.
-LEARNING_BUDGET_S = 2400
-
-
-@pytest.mark.slow
+@pytest.mark.target
 def test_tiny_vit_from_scratch_reaches_dice_080_at_128_px(tmp_path):
     mock.write_busbra_tree(str(tmp_path / "raw"), patients=500, size=128, seed=0, fat_lobules=True)
     convert("busbra", str(tmp_path / "raw"), str(tmp_path / "out"))
@@ -312,9 +305,6 @@ def test_tiny_vit_from_scratch_reaches_dice_080_at_128_px(tmp_path):
     config.model.update(depth=4, head_channels=64, drop_path=0.0)
     config.optimizer.update(lr=1e-3, layer_decay=1.0)
     config.update(warmup_epochs=2.0, log_steps=31)
-    started = time.perf_counter()
     summary = run(config, str(tmp_path / "run"))
-    seconds = time.perf_counter() - started
-    print(f"tiny from scratch: test Dice {summary['results']['dice']:.3f}, {seconds:.0f} s")
-    assert seconds < LEARNING_BUDGET_S
+    print(f"tiny from scratch: test Dice {summary['results']['dice']:.3f}")
     assert summary["results"]["dice"] >= 0.80
