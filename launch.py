@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from usf_mae_jax import cli, host_memory
 
-CONFIG_FILES = ("configs/pretrain.py", "configs/finetune.py")
+CONFIG_FILES = ("configs/pretrain.py", "configs/finetune.py", "configs/segment.py")
 
 
 def usage() -> str:

@@ -130,7 +130,8 @@ def loader_part(check: Check, args, cores: int) -> dict:
             break
         record = check.run(f"loader {threads} threads", [
             sys.executable, "-m", "usf_mae_jax.data.bench", "--data_dir", shards, "--augment", "usf_mae",
-            "--batch_size", str(batch), "--steps", str(steps), "--img_size", str(img), "--threads", str(threads)], 120)
+            "--batch_size", str(batch), "--batches", str(steps), "--rounds", "1", "--baseline", "none", "--img_size",
+            str(img), "--threads", str(threads)], 120)
         values = key_values(record.get("output", ""))
         record["result"] = values
         if "images_per_s" in values:

@@ -129,8 +129,9 @@ def test_busbra_benchmark(tmp_path):
                       "not_converted": len(masks) + 7}
     assert manifest["skipped"] == [{"file": "Images/bus_9999-l.png", "reason": "not listed in bus_data.csv"}]
     assert manifest["not_converted"] == {
-        "broken_symlink": ["dangling.png"], "metadata": ["5-fold-cv.csv", "bus_data.csv"],
-        "not_an_input": sorted([*(f"Masks/{m}" for m in masks), "README.txt", "from_elsewhere/linked.png"]),
+        "broken_symlink": ["dangling.png"], "mask": [f"Masks/{m}" for m in masks],
+        "metadata": ["5-fold-cv.csv", "bus_data.csv"],
+        "not_an_input": ["README.txt", "from_elsewhere/linked.png"],
         "symlink_loop": ["loop_a.png", "loop_b.png"]}
 
 
@@ -144,9 +145,8 @@ def test_mmotu_benchmark(tmp_path):
     (root / "val_cls.txt").write_text("5.JPG 0\n6.JPG 2\n7.JPG 1\n")  # 7 is listed but missing
     manifest = convert("mmotu", str(root), str(tmp_path / "out"))
     assert check_counts(manifest) == {"inputs": 15, "converted": 6, "skipped": 1, "not_converted": 8}
-    assert manifest["not_converted"] == {
-        "metadata": ["train_cls.txt", "val_cls.txt"],
-        "not_an_input": [f"annotations/{n}_binary.PNG" for n in labels]}
+    assert manifest["not_converted"] == {  # the binary masks are stored in their images' records
+        "mask": [f"annotations/{n}_binary.PNG" for n in labels], "metadata": ["train_cls.txt", "val_cls.txt"]}
 
 
 def test_gist514_benchmark(tmp_path):

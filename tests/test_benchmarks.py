@@ -211,8 +211,7 @@ def test_gist514_both_variants(tmp_path):
             assert sorted(train + val) == sorted(full) and len(val) == 2  # one per class: both have >= 2
     first = load_split(out, "gist514", "test", fold=0)[0]
     assert first["image"].shape == (12, 16, 3)
-    with open(os.path.join(out, "gist514", "raw", "1.0.0", "manifest.json")) as f:
-        assert any(w == "GIST514-DB images: found 10, documented 514" for w in json.load(f)["warnings"])
+    assert any(w == "GIST514-DB images: found 10, documented 514" for w in manifest(out, "gist514", "raw")["warnings"])
 
 
 def test_gist514_missing_file_and_unknown_category(tmp_path):

@@ -200,12 +200,13 @@ def test_full_disk_in_a_benchmark_leaves_no_readable_output(tmp_path, monkeypatc
         real_dump(payload, handle, **kwargs)
 
     monkeypatch.setattr(builder.json, "dump", manifest_on_a_full_disk)
+    version = builder.CONVERTER_VERSION
     assert main(["busbra", "--raw_dir", base, "--out_dir", str(tmp_path / "out")]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == ("python -m data_prep busbra: No space left on device (the disk is full: free space or choose "
-                    f"another output folder): {tmp_path / 'out' / 'busbra' / '1.0.0' / 'manifest.json.tmp'}")
+                    f"another output folder): {tmp_path / 'out' / 'busbra' / version / 'manifest.json.tmp'}")
     # splits.json and the TFDS files were complete: the folder is removed so no reader takes it as converted.
-    assert not (tmp_path / "out" / "busbra" / "1.0.0").exists()
+    assert not (tmp_path / "out" / "busbra" / version).exists()
 
 
 def test_openus46_nothing_to_convert(tmp_path):

@@ -1,19 +1,25 @@
 """The TFDS builder shared by the benchmarks, and `prepare`, which converts one raw folder.
 
-Each benchmark subclasses `BenchmarkBuilder` with its name, licence, citation, manual-download instructions
-and a `parse(raw_dir)` that returns a `common.Plan`. The builder writes the plan's disjoint *parts* (e.g. the
-five BUS-BRA test folds) as TFDS splits in `file_format='array_record'`, so every image is stored once. The
-official splits (per fold: train, validation, test), which overlap across folds, are written next to the
-shards as id lists in `splits.json`; `reader.load_split` assembles them. tensorflow is not needed:
+Each benchmark subclasses `BenchmarkBuilder` with its name, licence, citation, manual-download instructions,
+mask class names and a `parse(raw_dir)` that returns a `common.Plan`. The builder writes the plan's disjoint
+*parts* (e.g. the five BUS-BRA test folds) as TFDS splits in `file_format='array_record'`, so every image is
+stored once. The official splits (per fold: train, validation, test), which overlap across folds, are written
+next to the shards as id lists in `splits.json`; `reader.load_split` assembles them. tensorflow is not needed:
 `download_and_prepare` runs from Python (docs/design.md), and images are handed to TFDS as PNG bytes that we
 encode with OpenCV (TFDS encodes arrays with tensorflow).
+
+Since version 1.1.0 a builder with mask class names stores each image's segmentation mask in the same record
+(`mask`: a uint8 class map as PNG, 0 = background; `has_mask`: False for an image whose mask is missing,
+which then carries an all-zero mask), built by `masks.build` at the image's stored size and capped with it
+by nearest-neighbour resizing (docs/segmentation.md). Classification reads the same records and ignores the
+two fields; version 1.0.0 folders stay readable.
 
 Output, for `out_dir`:
 
     out_dir/<name>[/<config>]/<version>/
         dataset_info.json, features.json, <name>-<part>.array_record-*   (TFDS)
-        splits.json     class names, default fold, per fold {train, validation, test[, train_full]} ids, and
-                        per part the ids and labels in storage order
+        splits.json     class names, mask class names (or null), default fold, per fold {train, validation,
+                        test[, train_full]} ids, and per part the ids, labels (and has_mask) in storage order
         manifest.json   counts per split, skipped files with reasons, warnings, source hashes, licence,
                         converter version, options, and the accounting of every file under the raw root
                         (`common.account`: inputs = converted + skipped + not_converted)
@@ -35,14 +41,15 @@ import shutil
 import time
 from typing import ClassVar
 
+import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep.benchmarks import common
+from data_prep.benchmarks import common, masks
 from data_prep.writer import file_sha256, writing
 from usf_mae_jax.cli import ConfigError, DataError
 
-CONVERTER_VERSION = "1.0.0"
+CONVERTER_VERSION = "1.1.0"
 DEFAULT_MAX_SIDE = 512  # docs/design.md, "Shards": converters cap the longest side so decoding stays cheap
 
 log = logging.getLogger(__name__)
@@ -53,19 +60,23 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
 
     VERSION = tfds.core.Version(CONVERTER_VERSION)
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
-        CONVERTER_VERSION: "Records with the design's field names; official splits in splits.json."}
+        "1.0.0": "Records with the design's field names; official splits in splits.json.",
+        "1.1.0": "Segmentation masks in the image's record (mask, has_mask) for builders with mask classes."}
     LICENSE = ""
     CITATION = ""
     HOMEPAGE = ""
     DESCRIPTION = ""
     CHANNELS = 1
     CLASS_NAMES: tuple[str, ...] = ()
+    MASK_CLASS_NAMES: tuple[str, ...] = ()  # background first; empty: the records carry no mask
 
     def __init__(self, *, raw_dir: str | None = None, max_side: int | None = DEFAULT_MAX_SIDE, **kwargs):
         self.raw_dir = raw_dir
         self.max_side = max_side
         self._plan: common.Plan | None = None
         self.failed: list[dict[str, str]] = []
+        self.thresholded: list[str] = []  # binary masks that were not exactly two-valued
+        self.without_mask: list[str] = []  # records of a masked dataset whose mask is missing
         super().__init__(**kwargs)
 
     @abc.abstractmethod
@@ -86,12 +97,16 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     def channels(self) -> int:
         return self.CHANNELS
 
+    def mask_class_names(self) -> list[str] | None:
+        """The mask classes, background first, or None when the records carry no mask."""
+        return list(self.MASK_CLASS_NAMES) or None
+
     def dataset_name(self) -> str:
         """The records' `dataset` field: the builder name, with its config for subsets (gist514/roi)."""
         return f"{self.name}/{self.builder_config.name}" if self.builder_config else self.name
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = tfds.features.FeaturesDict({
+        features = {
             "image": tfds.features.Image(shape=(None, None, self.channels()), encoding_format="png"),
             "height": tfds.features.Scalar(np.int32),
             "width": tfds.features.Scalar(np.int32),
@@ -100,8 +115,12 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
             "subject": tfds.features.Text(),
             "frame": tfds.features.Scalar(np.int32),
             "label": tfds.features.ClassLabel(names=self.class_names()),
-        })
-        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=features,
+        }
+        if self.mask_class_names():
+            features["mask"] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+            features["has_mask"] = tfds.features.Scalar(np.bool_)
+        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                     features=tfds.features.FeaturesDict(features),
                                      supervised_keys=("image", "label"), homepage=self.HOMEPAGE or None,
                                      citation=self.CITATION, license=self.LICENSE)
 
@@ -113,31 +132,61 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
 
     def _generate_examples(self, items):
         dataset = self.dataset_name()
+        with_masks = bool(self.mask_class_names())
         for item in items:
             try:
-                image = common.read_image(item.path, self.channels(), self.max_side)
+                stored = common.decode_image(item.path)
             except ValueError as err:
                 # Decoding runs in the writer; the failure is recorded here and reported in the manifest.
                 self.failed.append({"file": item.source, "reason": str(err)})
                 continue
-            yield item.source, {"image": io.BytesIO(common.encode_png(image)), "height": image.shape[0],
-                                "width": image.shape[1], "dataset": dataset, "source": item.source,
-                                "subject": item.subject, "frame": -1, "label": item.label}
+            image = common.convert_channels(common.cap_side(stored, self.max_side), self.channels())
+            example = {"image": io.BytesIO(common.encode_png(image)), "height": image.shape[0],
+                       "width": image.shape[1], "dataset": dataset, "source": item.source,
+                       "subject": item.subject, "frame": -1, "label": item.label}
+            if with_masks:
+                example.update(self._mask_fields(item, stored.shape[:2], image.shape[:2]))
+            yield item.source, example
+
+    def _mask_fields(self, item: common.Item, stored_shape: tuple[int, int], shape: tuple[int, int]) -> dict:
+        """`mask` (PNG of the class map at the record's size) and `has_mask`; a size mismatch raises."""
+        if item.mask is None:
+            self.without_mask.append(item.source)
+            return {"mask": io.BytesIO(common.encode_png(np.zeros((*shape, 1), np.uint8))), "has_mask": False}
+        mask, thresholded = masks.build(item.mask, item.source, stored_shape)
+        if thresholded:
+            self.thresholded.append(thresholded)
+        mask = common.cap_side(mask[:, :, None], self.max_side, cv2.INTER_NEAREST_EXACT)
+        return {"mask": io.BytesIO(common.encode_png(mask)), "has_mask": True}
+
+    def mask_warnings(self) -> list[str]:
+        """Manifest warnings about the masks written: thresholded files and records without a mask."""
+        warnings = masks.thresholded_warning(self.thresholded)
+        if self.without_mask:
+            warnings.append(f"{len(self.without_mask)} images have no mask (stored with has_mask false, left out of "
+                            f"segmentation): {sorted(self.without_mask)[:masks.MAX_LISTED]}")
+        return warnings
 
 
-def _part_index(version_dir: str, parts: list[str]) -> dict[str, dict[str, list]]:
-    """Reads back every part and lists its ids and labels in storage order (TFDS reorders examples)."""
+def _part_index(version_dir: str, parts: list[str], num_mask_classes: int) -> tuple[dict[str, dict], list[int]]:
+    """Reads back every part: (per part its ids, labels and has_mask in storage order, as TFDS reorders
+    examples; the number of records in which each mask class occurs)."""
     reader = tfds.builder_from_directory(version_dir)
-    index = {}
+    index, occurs = {}, np.zeros(num_mask_classes, np.int64)
     for part in parts:
         source = reader.as_data_source(split=part)
-        ids, labels = [], []
+        entry: dict[str, list] = {"ids": [], "labels": []}
         for i in range(len(source)):
             example = source[i]
-            ids.append(example["source"].decode() if isinstance(example["source"], bytes) else example["source"])
-            labels.append(int(example["label"]))
-        index[part] = {"ids": ids, "labels": labels}
-    return index
+            entry["ids"].append(example["source"].decode() if isinstance(example["source"], bytes)
+                                else example["source"])
+            entry["labels"].append(int(example["label"]))
+            if num_mask_classes:
+                entry.setdefault("has_mask", []).append(bool(example["has_mask"]))
+                present = np.unique(np.asarray(example["mask"]))
+                occurs[present[present < num_mask_classes]] += int(example["has_mask"])
+        index[part] = entry
+    return index, occurs.tolist()
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -189,7 +238,8 @@ def _convert(builder: BenchmarkBuilder, plan: common.Plan, version_dir: str, man
         part = re.search(r'split "([^"]+)"', str(err))
         raise DataError(f"{plan.root}: no image of part {part.group(1) if part else '?'!r} could be decoded"
                         f"{_first_skip(builder.failed)}") from err
-    index = _part_index(version_dir, plan.parts())
+    mask_names = builder.mask_class_names()
+    index, occurs = _part_index(version_dir, plan.parts(), len(mask_names or []))
     records = sum(len(p["ids"]) for p in index.values())
     accounting, not_converted = common.account(plan, {i for p in index.values() for i in p["ids"]},
                                                builder.failed)
@@ -198,14 +248,15 @@ def _convert(builder: BenchmarkBuilder, plan: common.Plan, version_dir: str, man
              for fold, splits in plan.folds.items()}
     _write_json(os.path.join(version_dir, "splits.json"), {
         "benchmark": builder.name, "config": builder.builder_config.name if builder.builder_config else None,
-        "class_names": builder.class_names(), "default_fold": plan.default_fold, "folds": folds, "parts": index})
+        "class_names": builder.class_names(), "mask_class_names": mask_names, "default_fold": plan.default_fold,
+        "folds": folds, "parts": index})
     manifest = {
         "dataset": builder.name,
         "config": builder.builder_config.name if builder.builder_config else None,
         "converter_version": CONVERTER_VERSION,
         "raw_root": os.path.abspath(plan.root),
         "licence": builder.LICENSE,
-        "options": {"max_side": builder.max_side, "channels": builder.channels()},
+        "options": {"max_side": builder.max_side, "channels": builder.channels(), "masks": bool(mask_names)},
         "class_names": builder.class_names(),
         "records": records,
         "counts": {
@@ -218,12 +269,15 @@ def _convert(builder: BenchmarkBuilder, plan: common.Plan, version_dir: str, man
         "accounting": accounting,
         "skipped": plan.skipped + builder.failed,
         "not_converted": not_converted,
-        "warnings": plan.warnings,
+        "masks": None if not mask_names else {
+            "class_names": mask_names, "records_with_mask": records - len(builder.without_mask),
+            "records_per_class": dict(zip(mask_names, occurs))},
+        "warnings": plan.warnings + builder.mask_warnings(),
         "source_hashes": {rel: file_sha256(os.path.join(plan.root, rel)) for rel in plan.metadata_files},
         "seconds": round(time.time() - start, 2),
         "status": "converted",
     }
     _write_json(manifest_path, manifest)
-    for warning in plan.warnings:
+    for warning in manifest["warnings"]:
         log.warning("%s: %s", builder.name, warning)
     return manifest

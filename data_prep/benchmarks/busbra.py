@@ -5,7 +5,8 @@ Layout and facts from `docs/benchmarks.md` (the dataset's own CSV files):
     (benign = 0, malignant = 1);
   * `5-fold-cv.csv` gives `kFold` (the image's test fold) and `valid_1..valid_5`: in round k, rows with
     `kFold == k` are the test set, `valid_k == 1` marks training and `valid_k == 0` validation images;
-  * `Masks/` holds lesion masks; they are never read.
+  * `Masks/mask_<ID without "bus_">.png` is each image's binary lesion mask (0/255), stored in the image's
+    record as 0/1 (`masks.MaskSpec`, kind binary); an image without one keeps `has_mask` false.
 Storage parts are the five test folds (`fold1`..`fold5`), disjoint, so each image is written once.
 Header and value whitespace is stripped, and `valid_k` may read "1", "1.0" or " 1".
 """
@@ -17,11 +18,12 @@ import os
 from collections import Counter, defaultdict
 
 from data_prep.benchmarks import builder, common
+from data_prep.benchmarks.masks import MaskSpec
 from usf_mae_jax.cli import DataError
 
 LAYOUT = """BUSBRA/
   Images/         bus_0001-l.png, ...       (1875 grayscale PNGs)
-  Masks/          mask_0001-l.png, ...      (lesion masks; not used as inputs)
+  Masks/          mask_0001-l.png, ...      (binary lesion masks, 0/255; stored with their image)
   bus_data.csv    ID, Case, Histology, Pathology, BIRADS, Device, Width, Height, Side, BBOX
   5-fold-cv.csv   ID, Pathology, kFold, valid_1, ..., valid_5"""
 
@@ -66,6 +68,10 @@ def parse(raw_dir: str) -> common.Plan:
     plan = common.Plan(root=root, class_names=list(CLASS_NAMES), items=[], folds={}, default_fold="1",
                        metadata_files=["bus_data.csv", "5-fold-cv.csv"])
     on_disk = common.case_insensitive_index(images_dir)
+    masks_dir = os.path.join(root, "Masks")
+    mask_names = common.case_insensitive_index(masks_dir) if os.path.isdir(masks_dir) else {}
+    if not mask_names:
+        plan.warnings.append(f"{masks_dir} is missing or empty: the records carry no lesion mask")
     fold_of: dict[str, int] = {}
     for row in data:
         image_id, pathology = row["ID"], row["Pathology"].lower()
@@ -87,9 +93,14 @@ def parse(raw_dir: str) -> common.Plan:
             plan.warnings.append(f"{image_id}: Pathology differs between bus_data.csv ({pathology}) and "
                                  f"5-fold-cv.csv ({fold_row['Pathology']}); bus_data.csv is used")
         fold_of[f"Images/{name}"] = fold
+        mask_name = mask_names.get(f"mask_{image_id.removeprefix('bus_')}.png".lower())
+        mask = None
+        if mask_name is not None:
+            plan.mask_files.append(f"Masks/{mask_name}")
+            mask = MaskSpec("binary", f"Masks/{mask_name}", path=os.path.join(masks_dir, mask_name))
         plan.items.append(common.Item(path=os.path.join(images_dir, name), source=f"Images/{name}",
                                       label=CLASS_NAMES.index(pathology), subject=row["Case"],
-                                      part=f"fold{fold}"))
+                                      part=f"fold{fold}", mask=mask))
     common.unlisted_images(images_dir, [os.path.basename(i.source) for i in plan.items]
                            + [s["file"].split("/")[-1] for s in plan.skipped], root, plan, "bus_data.csv")
     for k in range(1, NUM_FOLDS + 1):
@@ -131,6 +142,7 @@ class Busbra(builder.BenchmarkBuilder):
 
     name = "busbra"
     CLASS_NAMES = CLASS_NAMES
+    MASK_CLASS_NAMES = ("background", "lesion")
     CHANNELS = 1
     LICENSE = "CC BY 4.0"
     HOMEPAGE = "https://zenodo.org/records/8231412"

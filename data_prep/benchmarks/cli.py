@@ -3,7 +3,7 @@
     python -m data_prep busbra|mmotu|gist514 --raw_dir DIR --out_dir OUT [--max_side 512] [--overwrite]
     python -m data_prep gist514 ... [--subset roi|raw|both]
     python -m data_prep labelled --src DIR_or_CSV --out_dir OUT [--name NAME] [--val_fraction 0.1]
-                                 [--test_fraction 0.2] [--seed 0]
+                                 [--test_fraction 0.2] [--seed 0] [--masks DIR] [--mask_classes lesion]
 
 The dispatcher calls `add_arguments(subparser, benchmark)` once per sub-command and `run(args, benchmark)`
 with the parsed arguments; `run` returns 0 when done. A wrong layout (`LayoutError`), a malformed label file
@@ -19,6 +19,13 @@ from data_prep.benchmarks import builder
 from data_prep.benchmarks.convert import BENCHMARKS, convert
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or len(set(names)) != len(names) or "background" in names:
+        raise argparse.ArgumentTypeError(f"expected distinct class names other than 'background', got {text!r}")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
@@ -32,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
         parser.add_argument("--test_fraction", type=arguments.fraction_below_one, default=0.2,
                             help="test fraction of subjects per class when there is no split column")
         parser.add_argument("--seed", type=int, default=0, help="seed of the subject-level split")
+        parser.add_argument("--masks", default=None, help="folder of segmentation masks: the mask of image "
+                            "<relative path>.<ext> is <relative path>.<any image ext> in it (a CSV can name them "
+                            "in a 'mask' column instead)")
+        parser.add_argument("--mask_classes", default="lesion", type=_names,
+                            help="comma-separated mask class names: one = binary masks (0/255 or 0/1); "
+                                 "several = masks whose pixel values 1..K are those classes (0 background)")
     else:
         parser.add_argument("--raw_dir", required=True,
                             help="the manually downloaded, extracted dataset folder, or its parent")
@@ -50,6 +63,9 @@ def _summary(manifest: dict) -> str:
              f"{manifest['status']}, {manifest['records']} records, classes {manifest['class_names']}"]
     for fold, splits in manifest["counts"]["splits"].items():
         lines.append(f"  fold {fold}: " + ", ".join(f"{name} {n}" for name, n in splits.items()))
+    if manifest.get("masks"):
+        lines.append(f"  masks: {manifest['masks']['records_with_mask']} records with a mask, mask classes "
+                     f"{manifest['masks']['class_names']}")
     lines.append(f"  skipped {len(manifest['skipped'])} files, {len(manifest['warnings'])} warnings "
                  f"(all listed in manifest.json)")
     lines += [f"  warning: {w}" for w in manifest["warnings"][:20]]
@@ -63,7 +79,7 @@ def run(args: argparse.Namespace, benchmark: str) -> int:
     if benchmark == "labelled":
         raw_dir = args.src
         options = dict(dataset=args.name, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                       seed=args.seed)
+                       seed=args.seed, masks_dir=args.masks, mask_classes=args.mask_classes)
     else:
         raw_dir = args.raw_dir
     result = convert(benchmark, raw_dir, args.out_dir, subset=getattr(args, "subset", None),

@@ -6,9 +6,13 @@ then only encodes what the plan lists. Parsing never guesses: a missing expected
 with the expected layout, a malformed label or split file a `DataError` naming it, and anything skipped or
 unexpected goes into the plan's `skipped` / `warnings`, which end up in the manifest.
 
+Datasets with segmentation masks give each item a `masks.MaskSpec` and the plan its mask class names; the
+builder stores the mask in the image's record (data_prep/benchmarks/masks.py).
+
 `account` checks that nothing vanished: every file under the dataset root (found by `data_prep.walk`, which
 follows symlinks and reports the ones it cannot) is converted, skipped with a reason, or listed in
-`not_converted` by category (label files, masks and other non-inputs, broken symlinks).
+`not_converted` by category (`metadata` label files, `mask` files stored in their image's record, other
+non-inputs, broken symlinks).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
+from data_prep.benchmarks.masks import MaskSpec
 from data_prep.formats.image2d import check_pixel_count
 from data_prep.walk import walk
 from usf_mae_jax.cli import DataError, MissingInputError
@@ -41,6 +46,7 @@ class Item:
     label: int
     subject: str
     part: str
+    mask: MaskSpec | None = None  # how to build its mask, for datasets with masks
 
 
 @dataclasses.dataclass
@@ -56,6 +62,7 @@ class Plan:
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     walk_root: bool = True  # False when the inputs are the rows of a list (a CSV), not the files under root
+    mask_files: list[str] = dataclasses.field(default_factory=list)  # relative paths read as masks
 
     def skip(self, file: str, reason: str) -> None:
         self.skipped.append({"file": file, "reason": reason})
@@ -113,6 +120,11 @@ def read_image(path: str, channels: int, max_side: int | None) -> np.ndarray:
     converted to luminance. Raises ValueError naming the file when it cannot be decoded, or when its header
     announces more than `formats.image2d.MAX_PIXELS` pixels (checked before decoding).
     """
+    return convert_channels(cap_side(decode_image(path), max_side), channels)
+
+
+def decode_image(path: str) -> np.ndarray:
+    """The image at its stored size, uint8 HWC with 1 or 3 (RGB) channels (see `read_image`)."""
     check_pixel_count(path)
     image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if image is None:
@@ -122,16 +134,26 @@ def read_image(path: str, channels: int, max_side: int | None) -> np.ndarray:
     elif image.dtype != np.uint8:
         raise ValueError(f"unsupported pixel type {image.dtype} in {path}")
     if image.ndim == 2:
-        image = image[:, :, None]
-    elif image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    elif image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if max_side and max(image.shape[:2]) > max_side:
-        scale = max_side / max(image.shape[:2])
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        image = resized if resized.ndim == 3 else resized[:, :, None]
+        return image[:, :, None]
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def cap_side(image: np.ndarray, max_side: int | None, interpolation: int = cv2.INTER_AREA) -> np.ndarray:
+    """Shrinks an HWC image so that its longest side is at most `max_side` (a mask: INTER_NEAREST_EXACT)."""
+    if not max_side or max(image.shape[:2]) <= max_side:
+        return image
+    scale = max_side / max(image.shape[:2])
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    resized = cv2.resize(image, size, interpolation=interpolation)
+    return resized if resized.ndim == 3 else resized[:, :, None]
+
+
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """An HWC uint8 image with 1 or 3 channels as `channels` channels (gray replicated, or luminance)."""
     if channels == 3 and image.shape[2] == 1:
         return np.repeat(image, 3, axis=2)
     if channels == 1 and image.shape[2] == 3:
@@ -204,12 +226,12 @@ def account(plan: Plan, converted: set[str], failed: list[dict[str, str]]) -> tu
     if both:
         raise RuntimeError(f"files both converted and skipped (a converter bug): {both[:5]}")
     not_converted: dict[str, list[str]] = {}
-    metadata = set(plan.metadata_files)
+    metadata, mask_files = set(plan.metadata_files), set(plan.mask_files)
     if plan.walk_root:
         tree = walk(plan.root)
         for relative in tree.files:
             if relative not in converted and relative not in skipped:
-                why = "metadata" if relative in metadata else "not_an_input"
+                why = "metadata" if relative in metadata else "mask" if relative in mask_files else "not_an_input"
                 not_converted.setdefault(why, []).append(relative)
         for why, paths in tree.left_out.items():
             paths = [p for p in paths if p not in skipped]

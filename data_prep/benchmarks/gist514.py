@@ -8,12 +8,16 @@ Layout and facts from `docs/benchmarks.md` (the dataset's own COCO files):
   * the five `val_*` files are disjoint test sets covering all 514 images. They are the storage parts
     (`split0`..`split4`); round k tests on `val_k` and trains on `train_k`, of which a stratified 5% is held
     out for validation (seed 0, as UltraSam's setup); `train_full` keeps the whole `train_k`;
-  * polygons are never rasterised: masks do not become inputs.
+  * each annotation's polygon `segmentation` is rasterised into the image's record (`masks.rasterise`, the
+    pixel-centre rule) with the class value of its category + 1 (lmym 1, GIST 2; the binary lesion mask is
+    `mask > 0`); the image's size must be the one its COCO entry declares. An image keeps the annotations
+    of the first file that lists it (its test split's `val` file when it has one).
 Whether the splits are patient-level is not documented, and no patient id is released: `subject` is empty.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -22,6 +26,7 @@ from typing import ClassVar
 import tensorflow_datasets as tfds
 
 from data_prep.benchmarks import builder, common
+from data_prep.benchmarks.masks import MaskSpec
 from usf_mae_jax.cli import ConfigError, DataError
 
 SUBSETS = {"roi": ("usd514_jpeg_roi", "anno_crop_split"), "raw": ("usd514_jpeg_raw", "anno_split")}
@@ -39,8 +44,26 @@ def layout(subset: str) -> str:
             f"val_{stem}_{{0..4}}.json   (COCO: images, annotations, categories)")
 
 
-def read_coco(path: str) -> dict[str, int]:
-    """Maps each image's file name to its label, with the categories found by name in this file."""
+@dataclasses.dataclass(frozen=True)
+class Annotated:
+    """One COCO image: its label, the size its entry declares, and its polygons as (class value, flat xy)."""
+
+    label: int
+    height: int
+    width: int
+    polygons: tuple
+
+
+def _polygons(ann: dict, value: int, path: str) -> list[tuple[int, tuple[float, ...]]]:
+    segmentation = ann.get("segmentation") or []
+    if not isinstance(segmentation, list) or not all(isinstance(p, list) for p in segmentation):
+        raise DataError(f"{path}: annotation {ann.get('id')} has a non-polygon segmentation (RLE?); only polygon "
+                        "lists are supported")
+    return [(value, tuple(float(v) for v in polygon)) for polygon in segmentation]
+
+
+def read_coco(path: str) -> dict[str, Annotated]:
+    """Maps each image's file name to its label and polygons, with the categories found by name in this file."""
     with open(path, encoding="utf-8") as f:
         try:
             coco = json.load(f)
@@ -56,17 +79,21 @@ def read_coco(path: str) -> dict[str, int]:
                          f"{[c['name'] for c in coco['categories']]}")
     label_of_category = {by_name[n.lower()]: i for i, n in enumerate(CLASS_NAMES)}
     labels_of_image: dict[int, set[int]] = {}
+    polygons_of_image: dict[int, list] = {}
     for ann in coco["annotations"]:
         if ann["category_id"] not in label_of_category:
             raise DataError(f"{path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
-        labels_of_image.setdefault(ann["image_id"], set()).add(label_of_category[ann["category_id"]])
+        label = label_of_category[ann["category_id"]]
+        labels_of_image.setdefault(ann["image_id"], set()).add(label)
+        polygons_of_image.setdefault(ann["image_id"], []).extend(_polygons(ann, label + 1, path))
     result, problems = {}, []
     for image in coco["images"]:
         labels = labels_of_image.get(image["id"], set())
         if len(labels) != 1:
             problems.append((image["file_name"], sorted(labels)))
             continue
-        result[image["file_name"]] = labels.pop()
+        result[image["file_name"]] = Annotated(labels.pop(), int(image.get("height", 0)), int(image.get("width", 0)),
+                                               tuple(polygons_of_image.get(image["id"], ())))
     if problems:
         raise DataError(f"{path}: images without exactly one category: {problems[:10]}")
     return result
@@ -82,15 +109,19 @@ def parse(raw_dir: str, subset: str) -> common.Plan:
     plan = common.Plan(root=root, class_names=list(CLASS_NAMES), items=[], folds={}, default_fold="0",
                        metadata_files=[])
     train, test = [], []
-    for k in range(NUM_SPLITS):
-        for kind, store in (("train", train), ("val", test)):
+    annotated: dict[str, tuple[str, Annotated]] = {}  # file name -> (COCO file, its first annotation)
+    for kind, store in (("val", test), ("train", train)):
+        for k in range(NUM_SPLITS):
             rel = f"annotations/{kind}_{stem}_{k}.json"
             store.append(read_coco(common.require(root, rel, text)))
-            plan.metadata_files.append(rel)
+            for name, entry in store[-1].items():
+                annotated.setdefault(name, (rel, entry))
+    plan.metadata_files += [f"annotations/{kind}_{stem}_{k}.json" for k in range(NUM_SPLITS)
+                            for kind in ("train", "val")]
     label_of: dict[str, int] = {}
     for labels in train + test:
-        for name, label in labels.items():
-            if label_of.setdefault(name, label) != label:
+        for name, entry in labels.items():
+            if label_of.setdefault(name, entry.label) != entry.label:
                 plan.warnings.append(f"{name} has different categories in different split files")
     on_disk = common.case_insensitive_index(images_dir)
     source_of: dict[str, str] = {}
@@ -104,8 +135,11 @@ def parse(raw_dir: str, subset: str) -> common.Plan:
         if len(parts) > 1:
             plan.warnings.append(f"{name} is a test image of several splits {parts}; stored in split{parts[0]}")
         part = f"split{parts[0]}" if parts else "train_only"
+        coco_file, entry = annotated[name]
+        mask = MaskSpec("polygons", coco_file, polygons=entry.polygons,
+                        size=(entry.height, entry.width) if entry.height and entry.width else None)
         plan.items.append(common.Item(path=os.path.join(images_dir, disk_name), source=source_of[name],
-                                      label=label_of[name], subject="", part=part))
+                                      label=label_of[name], subject="", part=part, mask=mask))
     common.unlisted_images(images_dir, [os.path.basename(n) for n in label_of], root, plan, "the COCO files")
     for k in range(NUM_SPLITS):
         test_ids = [source_of[n] for n in sorted(test[k]) if n in source_of]
@@ -134,6 +168,7 @@ class Gist514(builder.BenchmarkBuilder):
         tfds.core.BuilderConfig(name="raw", description="full frames (usd514_jpeg_raw)"),
     ]
     CLASS_NAMES = CLASS_NAMES
+    MASK_CLASS_NAMES = ("background", *CLASS_NAMES)
     CHANNELS = 3
     LICENSE = "CC BY-NC-SA 4.0"
     HOMEPAGE = ""

@@ -9,6 +9,13 @@ subject straddles two splits, and an empty subject makes the image its own group
 (`*_mask*`, `*_binary*`, `*_seg*`, or under a `mask(s)` / `annotations` folder) are skipped with a reason:
 masks never become inputs. The storage parts are the three splits themselves (fold "0").
 
+Segmentation sets: masks come from a `mask` column of the CSV (paths like `path`), or from a mask folder
+(`masks_dir`) holding, for the image `<relative path>.<ext>`, the file `<relative path>.<any image ext>`.
+With one mask class (the default, `lesion`) a mask is binary (0/255 or 0/1); with several, its pixel values
+are the classes 1..K, 0 being background (data_prep/benchmarks/masks.py). The mask is stored in the image's
+record; an image without one keeps `has_mask` false. A mask folder inside the class-folder tree is not a
+class.
+
 Class folders are walked with `data_prep.walk`: symlinked files and folders are followed, and a symlink that
 cannot be (broken, looping) is skipped with that reason. A file listed twice in the CSV is converted once,
 with a warning. A CSV or split value that cannot work is a `DataError` naming the file and the row.
@@ -23,11 +30,12 @@ import re
 from PIL import Image
 
 from data_prep.benchmarks import builder, common
+from data_prep.benchmarks.masks import MaskSpec
 from data_prep.walk import walk
 from usf_mae_jax.cli import ConfigError, DataError
 
 LAYOUT = """either  SRC/<class name>/**/*.png|jpg|jpeg|bmp|tif   (one sub-folder per class)
-or      SRC.csv with a header: path,label[,subject,split]"""
+or      SRC.csv with a header: path,label[,subject,split,mask]"""
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
                "test": "test"}
 MASK_NAME = re.compile(r"(_mask|_binary|_seg|_label)", re.IGNORECASE)
@@ -39,8 +47,10 @@ def looks_like_mask(relative: str) -> bool:
     return bool(MASK_NAME.search(os.path.splitext(parts[-1])[0])) or any(p.lower() in MASK_DIRS for p in parts)
 
 
-def _rows_from_folders(src: str, plan: common.Plan) -> list[dict[str, str]]:
-    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+def _rows_from_folders(src: str, plan: common.Plan, masks_dir: str | None) -> list[dict[str, str]]:
+    outside = os.path.realpath(masks_dir) if masks_dir else None
+    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d))
+                     and os.path.realpath(os.path.join(src, d)) != outside)
     if not classes:
         raise common.LayoutError(f"{src} has no class sub-folders. Expected layout:\n{LAYOUT}")
     rows = []
@@ -56,7 +66,7 @@ def _rows_from_folders(src: str, plan: common.Plan) -> list[dict[str, str]]:
             elif looks_like_mask(path):
                 plan.skip(relative, "looks like a mask (name or folder); masks are never inputs")
             else:
-                rows.append({"path": relative, "label": name, "subject": "", "split": ""})
+                rows.append({"path": relative, "label": name, "subject": "", "split": "", "mask": ""})
     return rows
 
 
@@ -82,7 +92,7 @@ def _csv_rows(path: str, reader) -> list[dict[str, str]]:
         if not row.get("path") or not row.get("label"):
             raise DataError(f"{path}:{number}: empty path or label in {values}")
         rows.append({"path": row["path"], "label": row["label"], "subject": row.get("subject", ""),
-                     "split": row.get("split", "")})
+                     "split": row.get("split", ""), "mask": row.get("mask", "")})
     return rows
 
 
@@ -93,14 +103,40 @@ def _sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> common.Plan:
+def _mask_file(row: dict[str, str], root: str, masks_dir: str | None, relative: str) -> str | None:
+    """The mask file of a row: its `mask` column, or the file with the image's relative stem in `masks_dir`."""
+    if row["mask"]:
+        return row["mask"] if os.path.isabs(row["mask"]) else os.path.join(root, row["mask"])
+    if not masks_dir:
+        return None
+    stem = os.path.join(masks_dir, os.path.splitext(relative)[0])
+    return next((stem + ext for ext in common.IMAGE_EXTENSIONS + tuple(e.upper() for e in common.IMAGE_EXTENSIONS)
+                 if os.path.isfile(stem + ext)), None)
+
+
+def _mask_spec(path: str | None, root: str, mask_classes: tuple[str, ...], plan: common.Plan) -> MaskSpec | None:
+    if path is None or not os.path.isfile(path):
+        return None
+    relative = os.path.relpath(path, root)
+    if not relative.startswith(".."):
+        plan.mask_files.append(relative)
+    shown = path if relative.startswith("..") else relative
+    if len(mask_classes) == 1:
+        return MaskSpec("binary", shown, path=path)
+    return MaskSpec("index", shown, path=path, max_value=len(mask_classes))
+
+
+def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+          masks_dir: str | None = None, mask_classes: tuple[str, ...] = ("lesion",)) -> common.Plan:
     if not os.path.exists(src):
         raise common.LayoutError(f"{src} does not exist. Expected layout:\n{LAYOUT}")
+    if masks_dir and not os.path.isdir(masks_dir):
+        raise common.LayoutError(f"the mask folder {masks_dir} does not exist")
     is_csv = os.path.isfile(src)
     root = os.path.dirname(os.path.abspath(src)) if is_csv else src
     plan = common.Plan(root=root, class_names=[], items=[], folds={}, default_fold="0",
                        metadata_files=[os.path.basename(src)] if is_csv else [], walk_root=not is_csv)
-    rows = _rows_from_csv(src) if is_csv else _rows_from_folders(src, plan)
+    rows = _rows_from_csv(src) if is_csv else _rows_from_folders(src, plan, masks_dir)
     if not rows:
         raise common.LayoutError(f"{src} lists no images. Expected layout:\n{LAYOUT}")
     plan.class_names = _sorted_labels({r["label"] for r in rows})
@@ -125,8 +161,9 @@ def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed:
             plan.skip(relative, "looks like a mask (name or folder); masks are never inputs")
             continue
         seen.add(relative)
+        mask = _mask_spec(_mask_file(row, root, masks_dir, relative), root, mask_classes, plan)
         plan.items.append(common.Item(path=full, source=relative, label=plan.class_names.index(row["label"]),
-                                      subject=row["subject"], part=SPLIT_NAMES[split] if split else ""))
+                                      subject=row["subject"], part=SPLIT_NAMES[split] if split else "", mask=mask))
     if not with_split:
         _assign_splits(plan, val_fraction, test_fraction, seed)
     plan.folds["0"] = {name: [i.source for i in plan.items if i.part == name]
@@ -176,8 +213,12 @@ class Labelled(builder.BenchmarkBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Pass the class folder or the CSV as --src. Expected layout:\n{LAYOUT}"
 
     def __init__(self, *, raw_dir: str | None = None, dataset: str | None = None, val_fraction: float = 0.1,
-                 test_fraction: float = 0.2, seed: int = 0, **kwargs):
-        self.split_options = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+                 test_fraction: float = 0.2, seed: int = 0, masks_dir: str | None = None,
+                 mask_classes: tuple[str, ...] = ("lesion",), **kwargs):
+        if not mask_classes or len(set(mask_classes)) != len(mask_classes) or "background" in mask_classes:
+            raise ConfigError(f"mask classes must be distinct names other than 'background', got {mask_classes}")
+        self.split_options = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                  masks_dir=masks_dir, mask_classes=tuple(mask_classes))
         self.dataset = dataset or (os.path.splitext(os.path.basename(os.path.normpath(raw_dir)))[0]
                                    if raw_dir else "labelled")
         self._channels: int | None = None
@@ -191,6 +232,12 @@ class Labelled(builder.BenchmarkBuilder):
 
     def class_names(self) -> list[str]:
         return self.plan.class_names if self.raw_dir else []
+
+    def mask_class_names(self) -> list[str] | None:
+        """background + the mask classes when a mask folder is given or the CSV names masks, else None."""
+        if not self.raw_dir or not (self.split_options["masks_dir"] or any(i.mask for i in self.plan.items)):
+            return None
+        return ["background", *self.split_options["mask_classes"]]
 
     def channels(self) -> int:
         if self._channels is None:

@@ -4,8 +4,12 @@ Layout and facts from `docs/benchmarks.md` (the dataset's own list files):
   * `train_cls.txt` / `val_cls.txt` hold "N.JPG<whitespace>label" lines; the separator is not always one
     space, so lines are split on any whitespace;
   * `train.txt` / `val.txt` list the same stems and are cross-checked when present;
-  * `annotations/` holds the class masks `N.PNG`, `N_binary.PNG` and `N_binary_binary.PNG`; they are never
-    read;
+  * `annotations/N_binary.PNG` is the image's binary tumour mask. Each image holds one tumour, of the class
+    its `*_cls.txt` line gives, so the record's mask is class + 1 inside the binary mask and 0 outside: the
+    8-class map, from which the binary one is `mask > 0` (`masks.MaskSpec`, kind binary, value label + 1);
+  * `annotations/N.PNG` is colour-coded by class; it is checked against the lists, and a disagreement is a
+    manifest warning listing the images (`masks.colour_coding_warnings`). `N_binary_binary.PNG` (a copy) is
+    not read;
   * no patient ids are released, so `subject` is empty and splits are image-level.
 Storage parts are `train` (1000 images) and `val` (469). The official protocol trains on train and tests on
 val; as UltraSam's public setup does (docs/benchmarks.md), a stratified 5% of train is held out for
@@ -17,12 +21,12 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from data_prep.benchmarks import builder, common
+from data_prep.benchmarks import builder, common, masks
 from usf_mae_jax.cli import DataError
 
 LAYOUT = """OTU_2d/
   images/         1.JPG ... 1469.JPG        (3-channel; some colour Doppler)
-  annotations/    N.PNG, N_binary.PNG, N_binary_binary.PNG   (masks; not used as inputs)
+  annotations/    N.PNG, N_binary.PNG, N_binary_binary.PNG   (masks; stored with their image)
   train.txt       one stem per line (1000 lines)
   val.txt         one stem per line (469 lines)
   train_cls.txt   "N.JPG <label>" per line, label 0..7
@@ -64,6 +68,11 @@ def parse(raw_dir: str) -> common.Plan:
     plan = common.Plan(root=root, class_names=list(CLASS_NAMES), items=[], folds={}, default_fold="0",
                        metadata_files=[])
     on_disk = common.case_insensitive_index(images_dir)
+    annotations_dir = os.path.join(root, "annotations")
+    annotations = common.case_insensitive_index(annotations_dir) if os.path.isdir(annotations_dir) else {}
+    if not annotations:
+        plan.warnings.append(f"{annotations_dir} is missing or empty: the records carry no tumour mask")
+    coded: list[tuple[str, int, str]] = []
     listed: list[str] = []
     for part in ("train", "val"):
         cls_name = f"{part}_cls.txt"
@@ -86,10 +95,21 @@ def parse(raw_dir: str) -> common.Plan:
                 plan.skip(f"images/{file_name}", f"listed in {cls_name} but missing from images/")
                 continue
             counts[CLASS_NAMES[label]] += 1
+            stem = os.path.splitext(name)[0]
             plan.items.append(common.Item(path=os.path.join(images_dir, name), source=f"images/{name}",
-                                          label=label, subject="", part=part))
+                                          label=label, subject="", part=part,
+                                          mask=_binary_mask(plan, annotations_dir, annotations, stem, label)))
+            colour_name = annotations.get(f"{stem}.png".lower())
+            if colour_name is not None:
+                plan.mask_files.append(f"annotations/{colour_name}")
+                coded.append((f"images/{name}", label, os.path.join(annotations_dir, colour_name)))
         plan.warnings += common.count_warnings(f"MMOTU-2D {part}", counts, DOCUMENTED[part])
     common.unlisted_images(images_dir, listed, root, plan, "train_cls.txt or val_cls.txt")
+    if annotations:
+        plan.warnings += masks.colour_coding_warnings(coded, list(CLASS_NAMES))
+        if len(coded) < len(plan.items):
+            plan.warnings.append(f"{len(plan.items) - len(coded)} images have no colour-coded annotations/N.PNG "
+                                 "to check their class against")
     sources = Counter(i.source for i in plan.items)
     repeated = sorted(s for s, n in sources.items() if n > 1)
     if repeated:
@@ -104,6 +124,16 @@ def parse(raw_dir: str) -> common.Plan:
     return plan
 
 
+def _binary_mask(plan: common.Plan, folder: str, annotations: dict[str, str], stem: str,
+                 label: int) -> masks.MaskSpec | None:
+    """The spec of `annotations/<stem>_binary.PNG` with the class value label + 1, or None when it is missing."""
+    name = annotations.get(f"{stem}_binary.png".lower())
+    if name is None:
+        return None
+    plan.mask_files.append(f"annotations/{name}")
+    return masks.MaskSpec("binary", f"annotations/{name}", path=os.path.join(folder, name), value=label + 1)
+
+
 def pairs_names(pairs: list[tuple[str, int]]) -> list[str]:
     return [name for name, _ in pairs]
 
@@ -113,6 +143,7 @@ class Mmotu(builder.BenchmarkBuilder):
 
     name = "mmotu"
     CLASS_NAMES = CLASS_NAMES
+    MASK_CLASS_NAMES = ("background", *CLASS_NAMES)
     CHANNELS = 3
     LICENSE = "not stated by the MMOTU release (docs/benchmarks.md); see its terms"
     HOMEPAGE = ""

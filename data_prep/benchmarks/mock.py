@@ -1,19 +1,26 @@
-"""A synthetic BUS-BRA-layout tree with a learnable label, for smoke tests and demos of the benchmark path.
+"""Synthetic trees in the layouts of the three benchmarks, for smoke tests and demos of the benchmark path.
 
-    write_busbra_tree(root, patients=60, size=64, seed=0) -> path of the BUSBRA folder
+    write_busbra_tree(root, patients=60, size=64, seed=0[, cues, fat_lobules]) -> the BUSBRA folder
+    write_mmotu_tree(root, count=40, size=64, seed=0)                         -> the OTU_2d folder
+    write_gist514_tree(root, count=20, size=64, seed=0, subset="roi")         -> usd514_jpeg_roi (or _raw)
 
-It writes `Images/bus_NNNN-{l,r}.png`, `Masks/mask_NNNN-{l,r}.png`, `bus_data.csv` and `5-fold-cv.csv` with
-the real columns. Images come from `usf_mae_jax.data.synthetic` (speckle, probe geometry, and lesions whose
+Images come from `usf_mae_jax.data.synthetic` (speckle, probe geometry, posterior shadows, and lesions whose
 class shows in their shape: benign round and smooth with posterior enhancement, malignant irregular with a
 posterior shadow; `cues` sets how strongly, `usf_mae_jax.data.synthetic.Cues`), so a small classifier can learn
-them. Folds are patient-level and stratified by
-pathology, like the real file; in each round 15% of each class's training patients (at least one) are
-validation patients.
+them; with `fat_lobules=True` the tissue also holds flat hypoechoic fat lobules, the usual lesion mimics. Every
+mask is the true lesion of its image, written the way the real dataset ships it (docs/benchmarks.md, "Masks"):
+BUS-BRA `Masks/mask_<ID>.png` with 0/255, MMOTU-2D `annotations/N_binary.PNG` (0/255) and the colour-coded
+`annotations/N.PNG`, GIST514-DB COCO polygons.
+
+BUS-BRA folds are patient-level and stratified by pathology, like the real file; in each round 15% of each
+class's training patients (at least one) are validation patients. MMOTU-2D gets `train*.txt` / `val*.txt`
+lists (every fourth image in val); GIST514-DB five disjoint val files (image i in split i % 5).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import cv2
@@ -22,6 +29,11 @@ import numpy as np
 from usf_mae_jax.data import synthetic
 
 NUM_FOLDS = 5
+# One colour per MMOTU-2D class for the mock's `N.PNG`. The release does not document its palette; this one
+# is the commented-out 8-class palette of a public loader. The converter never relies on it: it learns the
+# colour of each class from the data and reports disagreements (data_prep/benchmarks/masks.py).
+MMOTU_PALETTE = ((64, 0, 0), (0, 64, 0), (0, 0, 64), (64, 0, 64), (64, 64, 0), (64, 64, 64), (0, 128, 0),
+                 (0, 0, 128))
 
 
 def _assign_folds(pathologies: list[str], rng: np.random.Generator) -> list[int]:
@@ -51,7 +63,7 @@ def _assign_validation(pathologies: list[str], folds: list[int], rng: np.random.
 
 def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int = 0,
                       malignant_fraction: float = 0.4, second_image_fraction: float = 0.5,
-                      cues: synthetic.Cues | None = None) -> str:
+                      cues: synthetic.Cues | None = None, fat_lobules: bool = False) -> str:
     """Writes the tree under `root/BUSBRA` and returns that folder. Deterministic for a seed."""
     if patients < 2 * NUM_FOLDS:
         raise ValueError(f"need at least {2 * NUM_FOLDS} patients for 5 stratified folds, got {patients}")
@@ -69,11 +81,10 @@ def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int =
         label = synthetic.MALIGNANT if pathologies[patient] == "malignant" else synthetic.BENIGN
         for side in sides:
             stem = f"{patient + 1:04d}-{side}"
-            image = synthetic.synthesize(size, np.random.default_rng([seed, patient, ord(side)]), label, cues=cues)
+            image, mask = synthetic.synthesize_with_mask(size, np.random.default_rng([seed, patient, ord(side)]),
+                                                         label, fat_lobules=fat_lobules, cues=cues)
             cv2.imwrite(os.path.join(base, "Images", f"bus_{stem}.png"), image)
-            # A stand-in lesion mask (0/255): the darkest blob; it only has to exist, it is never an input.
-            mask = (cv2.GaussianBlur(image, (0, 0), 3) < 40).astype(np.uint8) * 255
-            cv2.imwrite(os.path.join(base, "Masks", f"mask_{stem}.png"), mask)
+            cv2.imwrite(os.path.join(base, "Masks", f"mask_{stem}.png"), mask.astype(np.uint8) * 255)
             data_rows.append([f"bus_{stem}", patient + 1, "synthetic", pathologies[patient],
                               4 if label == synthetic.MALIGNANT else 3, "synthetic", size, size, side,
                               f"[0, 0, {size}, {size}]"])
@@ -89,4 +100,86 @@ def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int =
         writer = csv.writer(f)
         writer.writerow(["ID", "Pathology", "kFold", *(f"valid_{k}" for k in range(1, NUM_FOLDS + 1))])
         writer.writerows(fold_rows)
+    return base
+
+
+def _lesion_image(size: int, rng: np.random.Generator, kind: int, colour: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB image, lesion mask): a synthetic frame, with a reddish Doppler-like tint when `colour`."""
+    image, mask = synthetic.synthesize_with_mask(size, rng, kind, fat_lobules=True)
+    rgb = np.repeat(image[:, :, None], 3, axis=2)
+    if colour:
+        rgb[:, :, 0] = np.clip(rgb[:, :, 0].astype(np.int32) + 60 * mask, 0, 255).astype(np.uint8)
+    return rgb, mask
+
+
+def write_mmotu_tree(root: str, count: int = 40, size: int = 64, seed: int = 0) -> str:
+    """Writes `root/OTU_2d`: JPEG images, binary and colour-coded masks, and the four list files."""
+    base = os.path.join(root, "OTU_2d")
+    os.makedirs(os.path.join(base, "images"), exist_ok=True)
+    os.makedirs(os.path.join(base, "annotations"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lists: dict[str, list[tuple[int, int]]] = {"train": [], "val": []}
+    for n in range(1, count + 1):
+        label = (n - 1) % len(MMOTU_PALETTE) if n <= 2 * len(MMOTU_PALETTE) else int(rng.integers(8))
+        kind = synthetic.BENIGN if label < 4 else synthetic.MALIGNANT
+        image, mask = _lesion_image(size, np.random.default_rng([seed, n]), kind, colour=n % 7 == 0)
+        cv2.imwrite(os.path.join(base, "images", f"{n}.JPG"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(os.path.join(base, "annotations", f"{n}_binary.PNG"), mask.astype(np.uint8) * 255)
+        coded = np.zeros((size, size, 3), np.uint8)
+        coded[mask] = MMOTU_PALETTE[label]
+        cv2.imwrite(os.path.join(base, "annotations", f"{n}.PNG"), cv2.cvtColor(coded, cv2.COLOR_RGB2BGR))
+        lists["val" if n % 4 == 0 else "train"].append((n, label))
+    for part, rows in lists.items():
+        with open(os.path.join(base, f"{part}_cls.txt"), "w") as f:
+            f.writelines(f"{n}.JPG  {label}\n" for n, label in rows)
+        with open(os.path.join(base, f"{part}.txt"), "w") as f:
+            f.writelines(f"{n}\n" for n, _ in rows)
+    return base
+
+
+def lesion_polygons(mask: np.ndarray) -> list[list[float]]:
+    """COCO polygons [x0, y0, x1, y1, ...] tracing a mask's outline in COCO's corner-based coordinates.
+
+    OpenCV's contour runs through the centres of the boundary pixels; moving each point half a pixel along
+    the contour's outward normal puts it on the pixels' outer edge, so that rasterising the polygon by the
+    pixel-centre rule (data_prep/benchmarks/masks.py) gives back the mask up to a few corner pixels.
+    """
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    polygons = []
+    for contour in contours:
+        points = contour.reshape(-1, 2).astype(np.float64)
+        if len(points) < 3:
+            continue
+        tangent = np.roll(points, -1, axis=0) - np.roll(points, 1, axis=0)
+        normal = np.stack([tangent[:, 1], -tangent[:, 0]], axis=1)
+        normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
+        signed_area = np.sum(points[:, 0] * np.roll(points[:, 1], -1) - np.roll(points[:, 0], -1) * points[:, 1])
+        polygons.append((points + 0.5 + 0.5 * np.sign(signed_area) * normal).round(3).reshape(-1).tolist())
+    return polygons
+
+
+def write_gist514_tree(root: str, count: int = 20, size: int = 64, seed: int = 0, subset: str = "roi") -> str:
+    """Writes one GIST514-DB subset folder (`roi` or `raw`) with five COCO train/val split files."""
+    folder, stem = {"roi": ("usd514_jpeg_roi", "anno_crop_split"), "raw": ("usd514_jpeg_raw", "anno_split")}[subset]
+    base = os.path.join(root, folder)
+    os.makedirs(os.path.join(base, "images"), exist_ok=True)
+    os.makedirs(os.path.join(base, "annotations"), exist_ok=True)
+    categories = [{"id": 11, "name": "GIST"}, {"id": 4, "name": "lmym"}]  # ids on purpose not 0/1
+    images, annotations = [], []
+    for i in range(count):
+        gist = i % 2 == 1
+        image, mask = _lesion_image(size, np.random.default_rng([seed, i]), synthetic.MALIGNANT if gist
+                                    else synthetic.BENIGN, colour=False)
+        name = f"case{i:03d}.jpg"
+        cv2.imwrite(os.path.join(base, "images", name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        images.append({"file_name": name, "id": 100 + i, "height": size, "width": size, "anatomy_id": 1})
+        annotations.append({"id": 500 + i, "image_id": 100 + i, "category_id": 11 if gist else 4,
+                            "segmentation": lesion_polygons(mask), "iscrowd": 0})
+    for k in range(NUM_FOLDS):
+        for kind, keep in (("val", lambda i, k=k: i % NUM_FOLDS == k), ("train", lambda i, k=k: i % NUM_FOLDS != k)):
+            chosen = [i for i in range(count) if keep(i)]
+            coco = {"images": [images[i] for i in chosen], "annotations": [annotations[i] for i in chosen],
+                    "categories": categories}
+            with open(os.path.join(base, "annotations", f"{kind}_{stem}_{k}.json"), "w") as f:
+                json.dump(coco, f)
     return base

@@ -4,6 +4,11 @@
     len(src); src[i] -> {"image": uint8 (H, W, C), "label": int, "subject": str, "source": str, "id": str}
     src.ids, src.labels            # without decoding any image (class-balanced sampling, audit files)
     class_names(data_dir, "busbra") -> ["benign", "malignant"]
+    mask_class_names(data_dir, "busbra") -> ["background", "lesion"]   (None: converted without masks)
+
+Conversions with masks (converter 1.1.0+, docs/segmentation.md) add `"mask"`, a uint8 (H, W) class map the
+size of the image (0 = background), and `"has_mask"` to each item; `src.has_mask` tells, without decoding,
+which records have one.
 
 `data_dir` is the converter's `--out_dir` (holding `<name>/[<config>/]<version>/`) or that version folder
 itself. `split` is `train`, `validation`, `test`, or `train_full` where the benchmark has it (MMOTU-2D and
@@ -74,6 +79,12 @@ def class_names(data_dir: str, benchmark: str, subset: str | None = None) -> lis
     return list(_read_splits(find_version_dir(data_dir, benchmark, subset))["class_names"])
 
 
+def mask_class_names(data_dir: str, benchmark: str, subset: str | None = None) -> list[str] | None:
+    """The mask classes (background first) of a conversion with masks, or None."""
+    names = _read_splits(find_version_dir(data_dir, benchmark, subset)).get("mask_class_names")
+    return list(names) if names else None
+
+
 def split_ids(data_dir: str, benchmark: str, split: str, fold: int | str | None = None,
               subset: str | None = None) -> list[str]:
     """The record ids (sources) of one official split, in the converter's order."""
@@ -100,14 +111,16 @@ class SplitSource:
         splits = _read_splits(version_dir)
         where = {}
         for part, index in splits["parts"].items():
-            for i, (record_id, label) in enumerate(zip(index["ids"], index["labels"])):
-                where[record_id] = (part, i, label)
+            has_mask = index.get("has_mask", [False] * len(index["ids"]))
+            for i, (record_id, label, masked) in enumerate(zip(index["ids"], index["labels"], has_mask)):
+                where[record_id] = (part, i, label, masked)
         missing = [i for i in ids if i not in where]
         if missing:
             raise DataError(f"{version_dir}: split ids not stored in any part, e.g. {missing[:5]}")
         self.version_dir = version_dir
         self.ids = list(ids)
         self.labels = np.array([where[i][2] for i in ids], np.int64)
+        self.has_mask = np.array([where[i][3] for i in ids], bool)
         self._locations = [where[i][:2] for i in ids]
         self.channels = channels
         self._parts: dict = {}
@@ -132,8 +145,12 @@ class SplitSource:
             image = np.repeat(image, 3, axis=-1)
         elif self.channels == 1 and image.shape[-1] == 3:
             image = np.round(image @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
-        return {"image": image, "label": int(example["label"]), "subject": _as_text(example["subject"]),
+        item = {"image": image, "label": int(example["label"]), "subject": _as_text(example["subject"]),
                 "source": _as_text(example["source"]), "id": self.ids[index]}
+        if "mask" in example:
+            item["mask"] = np.asarray(example["mask"], np.uint8)[:, :, 0]
+            item["has_mask"] = bool(example["has_mask"])
+        return item
 
     def __getitems__(self, indices) -> list[dict]:
         return [self[i] for i in indices]

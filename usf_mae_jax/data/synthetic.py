@@ -15,7 +15,14 @@ that matter to an MAE on ultrasound:
     feature, echogenicity, internal texture) from 0 (a malignant lesion is drawn exactly like a benign one
     for that cue) to 1, so the difficulty of the downstream task is a parameter (docs/transfer_study.md).
     The default, `Cues()`, is the three cues above at full strength and draws the same random numbers as
-    before, so it gives the same images.
+    before, so it gives the same images;
+  * optional fat lobules (`fat_lobules=True`): flat, smooth, hypoechoic ovals in the superficial tissue, the
+    classic mimics of a breast lesion. They are *not* lesions, so a segmenter has to tell them apart from
+    the lesion by shape and context, while a dark-blob threshold cannot (docs/segmentation.md).
+
+`synthesize_with_mask` also returns the lesion's mask (the exact region whose echoes were darkened; the
+shadow or enhancement below it and the lobules are background): the ground truth of the segmentation demo.
+With `fat_lobules=False` no extra random number is drawn, so the images are those of earlier versions.
 
 Every image is a pure function of (seed, index): a data source built on this is random-access and
 deterministic, which the resumable pipeline relies on.
@@ -146,10 +153,31 @@ def _lesion_mask(height: int, width: int, rng: np.random.Generator, kind: int,
     return mask.astype(bool), (cx, cy, rx)
 
 
+def _add_fat_lobules(reflectivity: np.ndarray, rng: np.random.Generator) -> None:
+    """Darkens 1-3 flat smooth ovals in the upper half (fat lobules), in place."""
+    height, width = reflectivity.shape
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for _ in range(rng.integers(1, 4)):
+        cx, cy = rng.uniform(0.15, 0.85) * width, rng.uniform(0.12, 0.45) * height
+        rx, ry = rng.uniform(0.08, 0.16) * width, rng.uniform(0.03, 0.06) * height
+        tilt = rng.uniform(-0.3, 0.3)
+        u = ((xx - cx) * np.cos(tilt) + (yy - cy) * np.sin(tilt)) / rx
+        v = (-(xx - cx) * np.sin(tilt) + (yy - cy) * np.cos(tilt)) / ry
+        reflectivity[u * u + v * v <= 1.0] *= rng.uniform(0.1, 0.3)
+
+
 def synthesize(size: int | tuple[int, int], rng: np.random.Generator, lesion: int = NO_LESION,
-               probe: str | None = None, cues: Cues | None = None) -> np.ndarray:
+               probe: str | None = None, fat_lobules: bool = False, cues: Cues | None = None) -> np.ndarray:
     """One synthetic B-mode image, uint8 (size, size) or (height, width) for size=(height, width), black
     outside the field of view. `cues` sets how strongly a malignant lesion differs (default `Cues()`)."""
+    return synthesize_with_mask(size, rng, lesion, probe, fat_lobules, cues)[0]
+
+
+def synthesize_with_mask(size: int | tuple[int, int], rng: np.random.Generator, lesion: int = NO_LESION,
+                         probe: str | None = None, fat_lobules: bool = False,
+                         cues: Cues | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8, lesion mask bool), both (size, size) or (height, width); the mask is all False without a
+    lesion."""
     cues = cues or DEFAULT_CUES
     height, width = (size, size) if isinstance(size, int) else size
     probe = probe or ("convex" if rng.random() < 0.6 else "linear")
@@ -165,7 +193,10 @@ def synthesize(size: int | tuple[int, int], rng: np.random.Generator, lesion: in
     noise = rng.standard_normal((height, width)).astype(np.float32)
     reflectivity *= 1.0 + 0.3 * cv2.GaussianBlur(noise, (0, 0), 4)
     reflectivity = np.clip(reflectivity, 0.05, None)
+    if fat_lobules:
+        _add_fat_lobules(reflectivity, rng)
 
+    mask = np.zeros((height, width), bool)
     if lesion != NO_LESION:
         mask, (cx, _, rx) = _lesion_mask(height, width, rng, lesion, cues)
         malignant = lesion == MALIGNANT
@@ -198,7 +229,7 @@ def synthesize(size: int | tuple[int, int], rng: np.random.Generator, lesion: in
     db = 20 * np.log10(envelope / (np.percentile(envelope[inside], 99.5) + 1e-12) + 1e-6)
     image = np.clip((db + 50.0) / 50.0, 0, 1) * 255
     image[~inside] = 0
-    return image.astype(np.uint8)
+    return image.astype(np.uint8), mask & inside
 
 
 class SyntheticUltrasound:

@@ -1,13 +1,15 @@
-"""Cross-validation driver: every (fold, seed) fine-tune or linear-probe run, then one comparison table.
+"""Cross-validation driver: every (fold, seed) fine-tune, linear-probe or segmentation run, then one table.
 
     python -m usf_mae_jax.evaluators.crossval --config=configs/finetune.py:busbra --folds 1,2,3,4,5 \
         [--seeds 0,1,2] --workdir W [--config.init=PATH --config.input.data_dir=OUT ...]
+    python -m usf_mae_jax.evaluators.crossval --config=configs/segment.py:busbra --folds 1,2,3,4,5 --workdir W ...
 
 Each run goes to `W/fold{K}_seed{S}/` with its own `results.json`, confusion PNG, `splits.json` (the exact
 record ids of its train / validation / test splits) and `provenance.json` (the init and the pretraining
 manifests it came from). A run whose `results.json` already exists is not repeated, so an interrupted sweep is
 resumed by running the same command again. At the end `W/crossval.md` holds the mean ± std of every metric
-(MCC included) next to the paper's number, and `W/crossval.json` the per-run values behind it.
+(MCC included) next to the paper's number, and `W/crossval.json` the per-run values behind it. Segmentation
+runs are tabulated by their own metrics (evaluators/segmentation.py: Dice, IoU, HD95 in pixels, ...).
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ FLAGS = flags.FLAGS
 
 log = logging.getLogger(__name__)
 
-CROSSVAL_TASKS = ("finetune", "linear_probe")
+CROSSVAL_TASKS = ("finetune", "linear_probe", "segment")
+CLASSIFICATION_NOTE = ("\nValues in %; std is the sample std over runs. The paper reports one F1 per benchmark "
+                       "without saying macro or weighted (docs/usf_mae_recipe.md); it is shown next to our macro F1.\n")
+SEGMENTATION_NOTE = ("\nValues in %, except hd95 in pixels; std is the sample std over runs. Dice, IoU, precision "
+                     "and recall are per-image means over the foreground classes, *_global pooled over the test set "
+                     "(docs/segmentation.md).\n")
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -59,9 +66,14 @@ def sweep(config: Any, workdir: str, folds: list[int | None], seeds: list[int], 
     `run_fn(config, workdir)` defaults to a run of the training loop with the config's task; tests pass a
     stand-in.
     """
-    from usf_mae_jax.evaluators import metrics
+    from usf_mae_jax.evaluators import metrics, segmentation
 
     run_fn = run_fn or run_task
+    if config.task == "segment":
+        keys, raw_keys, paper, note = segmentation.SCALAR_KEYS, segmentation.DISTANCE_KEYS, {}, SEGMENTATION_NOTE
+    else:
+        keys, raw_keys, paper, note = metrics.SCALAR_KEYS, (), metrics.paper_reference(config.dataset), \
+            CLASSIFICATION_NOTE
     runs = []
     for fold in folds:
         for seed in seeds:
@@ -79,15 +91,13 @@ def sweep(config: Any, workdir: str, folds: list[int | None], seeds: list[int], 
                 runs.append({"fold": fold, "seed": seed, "workdir": target, **json.load(f)})
     title = (f"{config.dataset} {config.task} ({len(folds)} fold(s) x {len(seeds)} seed(s); init: "
              f"{config.init or 'random'})")
-    table = metrics.crossval_table(runs, paper=metrics.paper_reference(config.dataset), title=title)
-    table += ("\nValues in %; std is the sample std over runs. The paper reports one F1 per benchmark "
-              "without saying macro or weighted (docs/usf_mae_recipe.md); it is shown next to our macro F1.\n")
+    table = metrics.crossval_table(runs, paper=paper, title=title, keys=keys, raw_keys=raw_keys) + note
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "crossval.md"), "w") as f:
         f.write(table)
-    per_run = [{k: r[k] for k in ("fold", "seed", "workdir", *metrics.SCALAR_KEYS)} for r in runs]
+    per_run = [{k: r[k] for k in ("fold", "seed", "workdir", *keys)} for r in runs]
     with open(os.path.join(workdir, "crossval.json"), "w") as f:
-        json.dump({"runs": per_run, "summary": metrics.summarize(runs)}, f, indent=2)
+        json.dump({"runs": per_run, "summary": metrics.summarize(runs, keys)}, f, indent=2)
     return {"table": table, "runs": runs}
 
 
@@ -111,7 +121,7 @@ def main(argv: list[str]) -> None:
         steps.prefer_overrides(config, [n[len("config."):] for n in FLAGS if n.startswith("config.")
                                         and FLAGS[n].present])
         if config.task not in CROSSVAL_TASKS:
-            raise ConfigError(f"crossval: --config must be a downstream config (task {' or '.join(CROSSVAL_TASKS)}), "
+            raise ConfigError(f"crossval: --config must be a downstream config (task {', '.join(CROSSVAL_TASKS)}), "
                               f"got task {config.task!r}")
         if not FLAGS.workdir:
             raise ConfigError("crossval: --workdir is required")

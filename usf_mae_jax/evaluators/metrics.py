@@ -193,18 +193,22 @@ def summarize(results: Sequence[dict], keys: Sequence[str] = SCALAR_KEYS) -> dic
     return summary
 
 
-def crossval_table(results: Sequence[dict], paper: dict[str, float] | None = None, title: str = "") -> str:
+def crossval_table(results: Sequence[dict], paper: dict[str, float] | None = None, title: str = "",
+                   keys: Sequence[str] = SCALAR_KEYS, raw_keys: Sequence[str] = ()) -> str:
     """A markdown table of mean ± std (in %) of every scalar metric over folds/seeds.
 
     `paper` maps metric keys to the published value in % (e.g. `{"f1_macro": 81.6}`); when given, a
-    "paper" column is added so the table reads as the comparison.
+    "paper" column is added so the table reads as the comparison. `keys` are the metrics tabulated (the
+    segmentation task passes its own); those in `raw_keys` (e.g. HD95 in pixels) are printed as they are,
+    not as percentages.
     """
-    summary = summarize(results)
+    summary = summarize(results, keys)
     header = f"| metric | ours (mean ± std, n={len(results)}) |" + (" paper |" if paper else "")
     rule = "|---|---|" + ("---|" if paper else "")
     rows = [header, rule]
     for key, (mean, std) in summary.items():
-        cell = "n/a" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+        scale = 1 if key in raw_keys else 100
+        cell = "n/a" if math.isnan(mean) else f"{scale * mean:.1f} ± {scale * std:.1f}"
         row = f"| {key} | {cell} |"
         if paper:
             row += f" {paper[key]:.1f} |" if key in paper else " |"

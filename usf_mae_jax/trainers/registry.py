@@ -15,6 +15,7 @@ TASKS = {
     "pretrain": "usf_mae_jax.trainers.pretrain:PretrainTask",
     "finetune": "usf_mae_jax.trainers.finetune:FinetuneTask",
     "linear_probe": "usf_mae_jax.trainers.linear_probe:LinearProbeTask",
+    "segment": "usf_mae_jax.trainers.segment:SegmentTask",
 }
 
 
