@@ -116,6 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # with probability proportional to 1 / n_c). Neither is in the reference; offered for imbalanced sets
     # such as BUS-BRA (1268 benign / 607 malignant).
     c.class_balance = "none"
+    # Label budget: the share of the training split's labelled examples used, drawn per class (at least one
+    # each) with `seed`; validation and test stay whole. The transfer study's small budget (docs/transfer_study.md).
+    c.label_fraction = 1.0
     c.log_steps = 10
     c.ckpt_steps = 200
     c.keep_ckpts = 2

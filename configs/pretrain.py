@@ -112,6 +112,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.update(blr=1.5e-4, lr_batch_denominator=256, b1=0.9, b2=0.95, weight_decay=0.05,
                            wd_mask="reference", min_lr=0.0, clip_grad_norm=0.0)
 
+    # Field-of-view-aware masking (models/mae.py, docs/transfer_study.md): patches whose largest uint8 value is
+    # at most fov_threshold are out of view, left out of the loss and never visible. Off in every recipe.
+    c.model.fov_masking = False
+    c.model.fov_threshold = 0
+
     if args.variant:
         c.model.variant = args.variant
     if args.img_size:

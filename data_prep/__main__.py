@@ -30,6 +30,7 @@ COMMANDS = {
     "mmotu": ("data_prep.benchmarks.cli", "mmotu", "MMOTU-2D benchmark (ovarian tumours, 8 classes)"),
     "gist514": ("data_prep.benchmarks.cli", "gist514", "GIST514-DB benchmark (GIST vs leiomyoma)"),
     "labelled": ("data_prep.benchmarks.cli", "labelled", "a folder or CSV of labelled images"),
+    "mock": ("data_prep.benchmarks.mock_cli", None, "a synthetic BUS-BRA-layout benchmark with cue-controlled lesions"),
 }
 VERBOSE_HELP = "show the full traceback of an error instead of its one-line message"
 

@@ -69,6 +69,8 @@ def test_mae_crop_scales_and_fallback():
 @pytest.mark.parametrize("preset", augment.PRESETS)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_presets_output_shape_dtype_and_determinism(preset, channels):
+    if preset == "usf_mae_us":
+        pytest.importorskip("usaugment", reason="optional (requirements-test.txt); tests/test_us_augment.py")
     size = 32
     image = _noise((size, size, channels) if preset == "none" else (45, 60, channels))
     fn = augment.make_augment(preset, size)

@@ -1,15 +1,16 @@
 """Synthetic trees in the layouts of the three benchmarks, for smoke tests and demos of the benchmark path.
 
-    write_busbra_tree(root, patients=60, size=64, seed=0[, fat_lobules=True]) -> the BUSBRA folder
+    write_busbra_tree(root, patients=60, size=64, seed=0[, cues, fat_lobules]) -> the BUSBRA folder
     write_mmotu_tree(root, count=40, size=64, seed=0)                         -> the OTU_2d folder
     write_gist514_tree(root, count=20, size=64, seed=0, subset="roi")         -> usd514_jpeg_roi (or _raw)
 
 Images come from `usf_mae_jax.data.synthetic` (speckle, probe geometry, posterior shadows, and lesions whose
 class shows in their shape: benign round and smooth with posterior enhancement, malignant irregular with a
-posterior shadow), so a small classifier can learn them; with `fat_lobules=True` the tissue also holds flat
-hypoechoic fat lobules, the usual lesion mimics. Every mask is the true lesion of its image, written the way
-the real dataset ships it (docs/benchmarks.md, "Masks"): BUS-BRA `Masks/mask_<ID>.png` with 0/255, MMOTU-2D
-`annotations/N_binary.PNG` (0/255) and the colour-coded `annotations/N.PNG`, GIST514-DB COCO polygons.
+posterior shadow; `cues` sets how strongly, `usf_mae_jax.data.synthetic.Cues`), so a small classifier can learn
+them; with `fat_lobules=True` the tissue also holds flat hypoechoic fat lobules, the usual lesion mimics. Every
+mask is the true lesion of its image, written the way the real dataset ships it (docs/benchmarks.md, "Masks"):
+BUS-BRA `Masks/mask_<ID>.png` with 0/255, MMOTU-2D `annotations/N_binary.PNG` (0/255) and the colour-coded
+`annotations/N.PNG`, GIST514-DB COCO polygons.
 
 BUS-BRA folds are patient-level and stratified by pathology, like the real file; in each round 15% of each
 class's training patients (at least one) are validation patients. MMOTU-2D gets `train*.txt` / `val*.txt`
@@ -62,7 +63,7 @@ def _assign_validation(pathologies: list[str], folds: list[int], rng: np.random.
 
 def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int = 0,
                       malignant_fraction: float = 0.4, second_image_fraction: float = 0.5,
-                      fat_lobules: bool = False) -> str:
+                      cues: synthetic.Cues | None = None, fat_lobules: bool = False) -> str:
     """Writes the tree under `root/BUSBRA` and returns that folder. Deterministic for a seed."""
     if patients < 2 * NUM_FOLDS:
         raise ValueError(f"need at least {2 * NUM_FOLDS} patients for 5 stratified folds, got {patients}")
@@ -81,7 +82,7 @@ def write_busbra_tree(root: str, patients: int = 60, size: int = 64, seed: int =
         for side in sides:
             stem = f"{patient + 1:04d}-{side}"
             image, mask = synthetic.synthesize_with_mask(size, np.random.default_rng([seed, patient, ord(side)]),
-                                                         label, fat_lobules=fat_lobules)
+                                                         label, fat_lobules=fat_lobules, cues=cues)
             cv2.imwrite(os.path.join(base, "Images", f"bus_{stem}.png"), image)
             cv2.imwrite(os.path.join(base, "Masks", f"mask_{stem}.png"), mask.astype(np.uint8) * 255)
             data_rows.append([f"bus_{stem}", patient + 1, "synthetic", pathologies[patient],

@@ -18,6 +18,10 @@ Presets (`make_augment(preset, size)` returns `fn(image, rng) -> image`):
   so the distribution of crops matches.
   The ImageNet normalisation (step 6) and the grayscale -> RGB replication run on the device
   (`vit.normalize_images`); every op here is channel-wise, so doing them on one channel is identical.
+* `usf_mae_us` — `usf_mae`, then the ultrasound transforms of the `usaugment` package (depth attenuation,
+  Gaussian shadow, haze, speckle reduction; each with p = 0.5, inside the scan region), deterministic per
+  example like every preset here (data/us_augment.py). An option of the transfer study
+  (docs/transfer_study.md), not part of the authors' recipe; the package is optional.
 * `mae` — the reference MAE recipe: `RandomResizedCrop(size, scale=(0.2, 1.0), ratio=(3/4, 4/3), BICUBIC)`
   then `RandomHorizontalFlip(0.5)`. PIL's bicubic resize antialiases when it shrinks; OpenCV's does not, so a
   crop larger than the output in both sides is shrunk with area interpolation instead (the antialiased
@@ -39,7 +43,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-PRESETS = ("usf_mae", "mae", "eval", "none")
+PRESETS = ("usf_mae", "usf_mae_us", "mae", "eval", "none")
 USF_MAE_ROTATION = (0.0, 90.0)
 USF_MAE_SCALE = (0.5, 2.0)
 MAE_SCALE = (0.2, 1.0)
@@ -140,6 +144,13 @@ def usf_mae(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarra
     return resized_crop(image, box, size, "bilinear")
 
 
+def usf_mae_us(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """`usf_mae`, then the usaugment transforms drawn from the same generator (data/us_augment.py)."""
+    from usf_mae_jax.data import us_augment
+
+    return us_augment.apply_transforms(usf_mae(image, rng, size), rng)
+
+
 def mae(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     """Reference MAE pretraining: RandomResizedCrop(0.2-1, bicubic) on the stored image, then h-flip."""
     box = random_resized_crop_box(image.shape[0], image.shape[1], MAE_SCALE, CROP_RATIO, rng)
@@ -161,7 +172,7 @@ def identity(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarr
     return image
 
 
-_PRESET_FUNCTIONS = {"usf_mae": usf_mae, "mae": mae, "eval": evaluate, "none": identity}
+_PRESET_FUNCTIONS = {"usf_mae": usf_mae, "usf_mae_us": usf_mae_us, "mae": mae, "eval": evaluate, "none": identity}
 
 
 def make_augment(preset: str, size: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
@@ -169,6 +180,10 @@ def make_augment(preset: str, size: int) -> Callable[[np.ndarray, np.random.Gene
     if preset not in _PRESET_FUNCTIONS:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}")
     function = _PRESET_FUNCTIONS[preset]
+    if preset == "usf_mae_us":
+        from usf_mae_jax.data import us_augment
+
+        us_augment.require()  # a missing optional package fails here, when the preset is chosen
 
     def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return np.ascontiguousarray(function(image, rng, size))

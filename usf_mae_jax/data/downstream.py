@@ -101,6 +101,26 @@ def load_benchmark(data_dir: str, benchmark: str, fold: int | None = None, subse
     return BenchmarkData(benchmark, fold, subset, version_dir, names, channels, splits)
 
 
+def label_subset(split: SplitData, fraction: float, seed: int) -> SplitData:
+    """A class-stratified share of a split's labelled examples (a small label budget).
+
+    Each class keeps `max(1, round(fraction * n_class))` examples, drawn without replacement by a generator
+    seeded with `seed`, in their original order; `fraction` 1 returns the split unchanged.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"label_fraction must lie in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return split
+    rng = np.random.default_rng([seed, 0x1AB])
+    keep = []
+    for label in np.unique(split.labels):
+        members = np.flatnonzero(split.labels == label)
+        keep.append(rng.choice(members, size=max(1, round(fraction * len(members))), replace=False))
+    chosen = np.sort(np.concatenate(keep))
+    return SplitData(split.name, [split.images[i] for i in chosen], split.labels[chosen],
+                     [split.ids[i] for i in chosen])
+
+
 # -------------------------------------------------------------------------------------------- sampling
 
 

@@ -64,7 +64,7 @@ from usf_mae_jax.core import sharding
 from usf_mae_jax.data import augment, batching, folders, shards, synthetic
 
 MANIFEST_NAME = folders.MANIFEST_NAME
-NEAREST_PRESETS = ("usf_mae", "eval")  # presets whose first step is Resize((size, size), NEAREST)
+NEAREST_PRESETS = ("usf_mae", "usf_mae_us", "eval")  # presets whose first step is Resize((size, size), NEAREST)
 
 log = logging.getLogger(__name__)
 

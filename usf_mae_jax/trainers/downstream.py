@@ -1,7 +1,8 @@
 """What the downstream classification tasks (full fine-tuning, linear probing) share on top of the loop.
 
 Both read a converted benchmark (`config.dataset`, `config.fold`, `config.subset` under `input.data_dir`)
-into memory, resolve `config.init`, write the audit files `splits.json` (the exact record ids of each split)
+into memory (keeping a class-stratified `config.label_fraction` of the training split, a label budget drawn
+with `config.seed`), resolve `config.init`, write the audit files `splits.json` (the exact record ids of each split)
 and `provenance.json` (the init and the pretraining manifests it came from), evaluate the validation split
 every `eval_every` steps with scikit-learn metrics, select the state of the best validation macro-F1, and test
 it once into `results.json` and `confusion_matrix.png` (evaluators/metrics.py).
@@ -37,6 +38,9 @@ class ClassificationTask(Task):
         config = self.config
         self.mesh = mesh
         self.data = downstream.load_benchmark(config.input.data_dir, config.dataset, config.fold, config.subset)
+        train = self.data.splits["train"]
+        self.data.splits["train"] = downstream.label_subset(train, float(config.get("label_fraction", 1.0)),
+                                                            int(config.seed))
         self.init = initialization.resolve_init(config)
         self.num_classes = len(self.data.class_names)
         self.pool = ThreadPoolExecutor(max(1, int(config.input.num_threads)))

@@ -11,8 +11,10 @@ shards of `input.data_dir` (or synthetic images), whose position is part of ever
 interop import directory or another workdir) over the fresh model when the run starts; tensors the source
 lacks (e.g. the decoder of an encoder-only release) keep their fresh initialisation, and the reconstruction
 grids then say so. Every `vis_steps` a grid of reconstructions goes to `workdir/vis/` and TensorBoard.
-With `evals.sets`, ridge and k-NN probes of the encoder run at step 0 and every `eval_steps`
-(evaluators/probes.py), so the curve of the representation sits next to the loss.
+With `model.fov_masking`, patches outside the scan sector are never visible and never targets
+(models/fov.py); off, the step is the reference's. With `evals.sets`, ridge and k-NN probes of the encoder run
+at step 0 and every `eval_steps` (evaluators/probes.py), so the curve of the representation sits next to the
+loss.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from usf_mae_jax.cli import ConfigError
 from usf_mae_jax.core import checkpoint, optim, sharding, trees
 from usf_mae_jax.core.steps import StepPlan
 from usf_mae_jax.data import pipeline
 from usf_mae_jax.evaluators import probes, reconstruction
-from usf_mae_jax.models import vit
+from usf_mae_jax.models import fov, vit
 from usf_mae_jax.models.mae import MaskedAutoencoder, validate_mask_ratio
 from usf_mae_jax.trainers.task import Task
 
@@ -48,16 +52,24 @@ def abstract_mae(model_config: vit.ModelConfig) -> tuple[Any, dict]:
 
 
 def mae_loss(graphdef, model_config: vit.ModelConfig, mask_ratio: float, params: Any, images: jax.Array,
-             key: jax.Array) -> jax.Array:
-    """The MAE loss of a uint8 batch; the shape check runs while tracing, before anything compiles."""
+             key: jax.Array, fov_threshold: int | None = None) -> jax.Array:
+    """The MAE loss of a uint8 batch; the shape check runs while tracing, before anything compiles.
+
+    `fov_threshold` None is the reference loss; an int switches on field-of-view-aware masking with that
+    threshold (models/fov.py), with the same masking noise drawn from the same key.
+    """
     side = model_config.img_size
     if tuple(images.shape[1:3]) != (side, side):
         raise ValueError(f"batch images have shape {tuple(images.shape)} but the model takes {side}x{side} "
                          "images (model.img_size)")
     patches = vit.normalized_patches(images, model_config.patch_size, model_config.in_chans)
-    loss, _, _ = nnx.merge(graphdef, params).forward_patches(patches, mask_ratio,
-                                                            rng=jax.random.fold_in(key, MASK_STREAM))
-    return loss
+    model, mask_key = nnx.merge(graphdef, params), jax.random.fold_in(key, MASK_STREAM)
+    if fov_threshold is None:
+        loss, _, _ = model.forward_patches(patches, mask_ratio, rng=mask_key)
+        return loss
+    noise = jax.random.uniform(mask_key, patches.shape[:2], jnp.float32)  # the draw forward_patches makes
+    in_view = fov.view_mask(images, model_config.patch_size, fov_threshold)
+    return fov.masked_loss(model, patches, mask_ratio, noise, in_view)[0]
 
 
 class PretrainTask(Task):
@@ -68,6 +80,9 @@ class PretrainTask(Task):
         self._model_config = vit.config_from_block(config.model)
         self.mask_ratio = float(config.model.mask_ratio)
         validate_mask_ratio(self.mask_ratio)
+        self.fov_threshold = int(config.model.get("fov_threshold", 0)) if config.model.get("fov_masking") else None
+        if self.fov_threshold is not None and not 0 <= self.fov_threshold < 255:
+            raise ConfigError(f"model.fov_threshold must lie in [0, 255) (a uint8 level), got {self.fov_threshold}")
         self.graphdef, _ = abstract_mae(self._model_config)
         self.decoder_fresh = False
         self._vis_fn = None
@@ -111,7 +126,8 @@ class PretrainTask(Task):
         return optim.make_optimizer(self.config.optimizer, schedule, params, grad_accum_steps=plan.grad_accum_steps)
 
     def loss_fn(self, params, extra, batch, key):
-        loss = mae_loss(self.graphdef, self._model_config, self.mask_ratio, params, batch["image"], key)
+        loss = mae_loss(self.graphdef, self._model_config, self.mask_ratio, params, batch["image"], key,
+                        self.fov_threshold)
         return loss, ({}, extra)
 
     def batches(self, plan: StepPlan, mesh: Mesh):
