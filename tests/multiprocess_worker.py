@@ -8,6 +8,8 @@ Scenarios:
             process 0 writes the gathered params to OUT/params.npz.
   disjoint  three batches from the input pipeline; each process writes hashes of the rows it read.
   train     the training loop's pretraining of the runlocal preset into the shared workdir OUT/workdir (2 steps).
+  probes    the pretraining probes (evaluators/probes.py) of a random encoder on the converted benchmark in
+            OUT/bench, every process extracting its rows; process 0 writes the features and the scores.
 """
 
 from __future__ import annotations
@@ -78,13 +80,36 @@ def run_train(out: str) -> None:
         json.dump({"final_step": summary["final_step"], "losses": summary["losses"]}, f)
 
 
+def run_probes(out: str) -> None:
+    from flax import nnx
+
+    from usf_mae_jax.evaluators import probes
+    from usf_mae_jax.models import vit
+    from usf_mae_jax.models.mae import MaskedAutoencoder
+
+    config = tiny_config()
+    config.evals.update(sets="busbra:1", data_dir=os.path.join(out, "bench"), batch_size=8)
+    config.mesh.update(data=-1, fsdp=1)
+    mesh = sharding.make_mesh(config.mesh)
+    model_config = vit.config_from_block(config.model)
+    graphdef, params = nnx.split(MaskedAutoencoder(model_config, rngs=nnx.Rngs(0)))
+    evaluator = probes.ProbeEvaluator(config.evals, graphdef, model_config, mesh)
+    features = evaluator.features(params, evaluator.sets[0].score)
+    scores = evaluator(params)
+    evaluator.close()
+    if jax.process_index() == 0:
+        np.save(os.path.join(out, f"features_{jax.process_count()}.npy"), features)
+        with open(os.path.join(out, f"scores_{jax.process_count()}.json"), "w") as f:
+            json.dump(scores, f)
+
+
 def main() -> None:
     scenario, pid, nproc, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     jax.config.update("jax_threefry_partitionable", True)
     if nproc > 1:
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid,
                                    initialization_timeout=120)
-    {"steps": run_steps, "disjoint": run_disjoint, "train": run_train}[scenario](out)
+    {"steps": run_steps, "disjoint": run_disjoint, "train": run_train, "probes": run_probes}[scenario](out)
     if nproc > 1:
         jax.distributed.shutdown()
 

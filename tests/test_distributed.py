@@ -1,4 +1,5 @@
-"""Scale-out on CPU: two processes on 127.0.0.1, FSDP, resharding restores, SIGTERM and kill -9."""
+"""Scale-out on CPU: two processes on 127.0.0.1 (steps, data, probes), FSDP, resharding restores, SIGTERM and
+kill -9."""
 
 from __future__ import annotations
 
@@ -49,6 +50,21 @@ def test_each_process_reads_disjoint_data(tmp_path):
     rows = [set(json.loads((tmp_path / f"rows_{pid}.json").read_text())) for pid in range(2)]
     assert len(rows[0]) == len(rows[1]) == 12  # 3 batches x 4 rows per process, no repeats within an epoch
     assert not rows[0] & rows[1]
+
+
+def test_probes_from_two_processes_equal_one_process(tmp_path):
+    from helpers import converted_busbra
+
+    converted_busbra(tmp_path / "data", patients=60, size=32, seed=0)
+    os.rename(tmp_path / "data" / "out", tmp_path / "bench")
+    run_processes("probes", str(tmp_path), nproc=2, devices_per_process=4)
+    run_processes("probes", str(tmp_path), nproc=1, devices_per_process=8)
+    two, one = np.load(tmp_path / "features_2.npy"), np.load(tmp_path / "features_1.npy")
+    assert two.shape == one.shape and two.shape[0] > 8  # more rows than one global batch
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-5)
+    scores = [json.loads((tmp_path / f"scores_{n}.json").read_text()) for n in (2, 1)]
+    assert set(scores[0]) == {f"busbra_fold1/{p}_{m}" for p in ("ridge", "knn") for m in ("accuracy", "f1_macro")}
+    assert scores[0] == scores[1]
 
 
 def test_checkpoint_from_two_processes_restores_in_one_and_reshards(tmp_path, python_runner):
