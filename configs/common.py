@@ -112,3 +112,27 @@ def check_runlocal(args: ml_collections.ConfigDict, *conflicting: str) -> None:
     given = [f"{k}={args[k]}" for k in conflicting if args.get(k)]
     if given:
         raise ValueError(f"runlocal sets its own model size and duration; drop {', '.join(given)} or runlocal")
+
+
+def apply_downstream_args(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict,
+                          **runlocal_model) -> ml_collections.ConfigDict:
+    """The preset arguments shared by the downstream configs (fine-tune, linear probe, segmentation): fold,
+    subset, variant, img_size, epochs, and `runlocal`'s tiny model (plus `runlocal_model` fields) and short
+    schedule. Returns `c`."""
+    if args.fold >= 0:
+        c.fold = args.fold
+    if args.subset:
+        c.subset = args.subset
+    if args.variant:
+        c.model.variant = args.variant
+    if args.img_size:
+        c.model.img_size = args.img_size
+    if args.epochs:
+        c.total_epochs = float(args.epochs)
+    if args.runlocal:
+        c.model.update(variant="mu", img_size=32, patch_size=8, depth=2, dtype="float32", **runlocal_model)
+        c.batch_size, c.eval_batch_size = 8, 16
+        c.total_epochs, c.warmup_epochs = 1.0, None
+        c.warmup_steps = 1
+        c.log_steps = 1
+    return c

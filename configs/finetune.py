@@ -135,20 +135,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.update(name="lars", blr=0.1, weight_decay=0.0, momentum=0.9, min_lr=0.0, layer_decay=1.0)
         c.label_smoothing = 0.0
 
-    if args.fold >= 0:
-        c.fold = args.fold
-    if args.subset:
-        c.subset = args.subset
-    if args.variant:
-        c.model.variant = args.variant
-    if args.img_size:
-        c.model.img_size = args.img_size
-    if args.epochs:
-        c.total_epochs = float(args.epochs)
-    if args.runlocal:
-        c.model.update(variant="mu", img_size=32, patch_size=8, depth=2, dtype="float32")
-        c.batch_size, c.eval_batch_size = 8, 16
-        c.total_epochs, c.warmup_epochs = 1.0, None
-        c.warmup_steps = 1
-        c.log_steps = 1
-    return c
+    return common.apply_downstream_args(c, args)

@@ -114,20 +114,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ckpt_steps = 200
     c.keep_ckpts = 2
 
-    if args.fold >= 0:
-        c.fold = args.fold
-    if args.subset:
-        c.subset = args.subset
-    if args.variant:
-        c.model.variant = args.variant
-    if args.img_size:
-        c.model.img_size = args.img_size
-    if args.epochs:
-        c.total_epochs = float(args.epochs)
-    if args.runlocal:
-        c.model.update(variant="mu", img_size=32, patch_size=8, depth=2, dtype="float32", head_channels=16)
-        c.batch_size, c.eval_batch_size = 8, 16
-        c.total_epochs, c.warmup_epochs = 1.0, None
-        c.warmup_steps = 1
-        c.log_steps = 1
-    return c
+    return common.apply_downstream_args(c, args, head_channels=16)
