@@ -1,11 +1,16 @@
-"""What the downstream classification tasks (full fine-tuning, linear probing) share on top of the loop.
+"""What the downstream tasks share on top of the loop.
 
-Both read a converted benchmark (`config.dataset`, `config.fold`, `config.subset` under `input.data_dir`)
-into memory (keeping a class-stratified `config.label_fraction` of the training split, a label budget drawn
-with `config.seed`), resolve `config.init`, write the audit files `splits.json` (the exact record ids of each split)
-and `provenance.json` (the init and the pretraining manifests it came from), evaluate the validation split
-every `eval_every` steps with scikit-learn metrics, select the state of the best validation macro-F1, and test
-it once into `results.json` and `confusion_matrix.png` (evaluators/metrics.py).
+`BenchmarkTask`, the base of every task on a converted benchmark (fine-tuning, linear probing,
+segmentation): the resolved `config.init`, the host thread pool, the evaluation batch, the audit files
+`splits.json` (the exact record ids of each split) and `provenance.json` (the init and the pretraining
+manifests it came from), the epoch size, and the layer-decayed optimizer of the fine-tuning recipes.
+
+`ClassificationTask`, the base of the classification tasks (full fine-tuning, linear probing): both read a
+converted benchmark (`config.dataset`, `config.fold`, `config.subset` under `input.data_dir`) into memory
+(keeping a class-stratified `config.label_fraction` of the training split, a label budget drawn with
+`config.seed`), evaluate the validation split every `eval_every` steps with scikit-learn metrics, select the
+state of the best validation macro-F1, and test it once into `results.json` and `confusion_matrix.png`
+(evaluators/metrics.py).
 
 A subclass supplies `probabilities(variables, split) -> (N, C)` and the training parts of the task contract.
 """
@@ -20,7 +25,8 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from usf_mae_jax.core import files
+from usf_mae_jax.core import files, optim
+from usf_mae_jax.core.steps import StepPlan
 from usf_mae_jax.data import downstream
 from usf_mae_jax.evaluators import metrics
 from usf_mae_jax.trainers import initialization
@@ -29,25 +35,23 @@ from usf_mae_jax.trainers.task import Task
 log = logging.getLogger(__name__)
 
 
-class ClassificationTask(Task):
-    """Base of the benchmark classification tasks; see the module docstring."""
+class BenchmarkTask(Task):
+    """Base of the tasks on a converted benchmark; see the module docstring. A subclass's `prepare` loads
+    `data` (with `membership()` and `splits["train"]`) and hands it to `prepare_benchmark`."""
 
-    select_metric = "f1_macro"
-
-    def prepare(self, mesh: Mesh, workdir: str) -> None:
+    def prepare_benchmark(self, mesh: Mesh, data: Any) -> None:
         config = self.config
-        self.mesh = mesh
-        self.data = downstream.load_benchmark(config.input.data_dir, config.dataset, config.fold, config.subset)
-        train = self.data.splits["train"]
-        self.data.splits["train"] = downstream.label_subset(train, float(config.get("label_fraction", 1.0)),
-                                                            int(config.seed))
+        self.mesh, self.data = mesh, data
         self.init = initialization.resolve_init(config)
-        self.num_classes = len(self.data.class_names)
         self.pool = ThreadPoolExecutor(max(1, int(config.input.num_threads)))
         self.eval_batch = downstream.eval_batch_size(int(config.eval_batch_size), mesh)
 
+    def membership(self) -> dict[str, Any]:
+        """The contents of `splits.json`."""
+        return self.data.membership()
+
     def start(self, workdir: str) -> None:
-        files.write_json(os.path.join(workdir, "splits.json"), self.data.membership())
+        files.write_json(os.path.join(workdir, "splits.json"), self.membership())
         files.write_json(os.path.join(workdir, "provenance.json"), self.init.provenance)
 
     def examples_per_epoch(self) -> int:
@@ -55,6 +59,31 @@ class ClassificationTask(Task):
 
     def model_config(self):
         return self.init.model_config
+
+    def make_optimizer(self, schedule, params, plan: StepPlan):
+        """The fine-tuning optimizer with layer-wise lr decay `self.decay` (set by the subclass's `prepare`)."""
+        scales = optim.layer_decay_scales(params, self.init.model_config.depth, self.decay)
+        return optim.make_optimizer(self.config.optimizer, schedule, params, layer_scales=scales,
+                                    grad_accum_steps=plan.grad_accum_steps)
+
+    def close(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown()
+
+
+class ClassificationTask(BenchmarkTask):
+    """Base of the benchmark classification tasks; see the module docstring."""
+
+    select_metric = "f1_macro"
+
+    def prepare(self, mesh: Mesh, workdir: str) -> None:
+        config = self.config
+        data = downstream.load_benchmark(config.input.data_dir, config.dataset, config.fold, config.subset)
+        data.splits["train"] = downstream.label_subset(data.splits["train"], float(config.get("label_fraction", 1.0)),
+                                                       int(config.seed))
+        self.prepare_benchmark(mesh, data)
+        self.num_classes = len(data.class_names)
 
     def describe(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "class_names": self.data.class_names}
@@ -81,8 +110,3 @@ class ClassificationTask(Task):
         metrics.write_confusion_png(os.path.join(workdir, "confusion_matrix.png"),
                                     np.asarray(results["confusion_matrix"]), self.data.class_names,
                                     title=f"{results['split']}  n={results['n_test']}")
-
-    def close(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown()

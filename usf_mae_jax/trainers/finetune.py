@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from usf_mae_jax.cli import ConfigError
-from usf_mae_jax.core import optim, sharding
+from usf_mae_jax.core import sharding
 from usf_mae_jax.core.steps import StepPlan
 from usf_mae_jax.data import downstream
 from usf_mae_jax.models import classifier, vit
@@ -134,11 +134,6 @@ class FinetuneTask(ClassificationTask):
         weights, _ = classifier.encoder_weights(nnx.eval_shape(lambda: self._new_model(0)), self.init.params,
                                                 self.init.source_img_size)
         return weights
-
-    def make_optimizer(self, schedule, params, plan: StepPlan):
-        scales = optim.layer_decay_scales(params, self.init.model_config.depth, self.decay)
-        return optim.make_optimizer(self.config.optimizer, schedule, params, layer_scales=scales,
-                                    grad_accum_steps=plan.grad_accum_steps)
 
     def loss_fn(self, params, extra, batch, key):
         images = vit.normalize_images(batch["image"], self.init.model_config.in_chans)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cv2
@@ -40,7 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from usf_mae_jax.cli import ConfigError, DataError
-from usf_mae_jax.core import files, optim, sharding
+from usf_mae_jax.core import sharding
 from usf_mae_jax.core.steps import StepPlan
 from usf_mae_jax.data import downstream
 from usf_mae_jax.data import segmentation as segdata
@@ -48,7 +47,7 @@ from usf_mae_jax.evaluators import segmentation as metrics
 from usf_mae_jax.models import classifier, vit
 from usf_mae_jax.models.segmentation import ViTSegmenter, resize_bilinear
 from usf_mae_jax.trainers import initialization
-from usf_mae_jax.trainers.task import Task
+from usf_mae_jax.trainers.downstream import BenchmarkTask
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ def parse_class_weights(text: str, num_classes: int) -> np.ndarray:
     return weights
 
 
-class SegmentTask(Task):
+class SegmentTask(BenchmarkTask):
     name = "segment"
     select_metric = "dice"
 
@@ -106,18 +105,15 @@ class SegmentTask(Task):
 
     def prepare(self, mesh: Mesh, workdir: str) -> None:
         config = self.config
-        self.mesh = mesh
-        self.data = segdata.load_segmentation(config.input.data_dir, config.dataset, config.fold, config.subset,
-                                              config.classes)
-        if not any(mask.any() for mask in self.data.splits["validation"].masks):
-            raise DataError(f"{self.data.version_dir}: no validation mask of fold {config.fold} has a foreground "
+        data = segdata.load_segmentation(config.input.data_dir, config.dataset, config.fold, config.subset,
+                                         config.classes)
+        if not any(mask.any() for mask in data.splits["validation"].masks):
+            raise DataError(f"{data.version_dir}: no validation mask of fold {config.fold} has a foreground "
                             "pixel, so validation Dice, which selects the tested state, is undefined")
-        self.num_classes = len(self.data.mask_class_names)
-        self.init = initialization.resolve_init(config)
+        self.prepare_benchmark(mesh, data)
+        self.num_classes = len(data.mask_class_names)
         self.class_weights = parse_class_weights(config.loss.class_weights, self.num_classes)
         self.decay = initialization.layer_decay_for(config.optimizer, self.init.model_config)
-        self.pool = ThreadPoolExecutor(max(1, int(config.input.num_threads)))
-        self.eval_batch = downstream.eval_batch_size(int(config.eval_batch_size), mesh)
         self.graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: self._new_model(0)), nnx.Param, nnx.BatchStat)
         graphdef, in_chans = self.graphdef, self.init.model_config.in_chans
 
@@ -130,17 +126,8 @@ class SegmentTask(Task):
         self._test_rows: list[dict] = []
         self._overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
 
-    def start(self, workdir: str) -> None:
-        membership = self.data.membership()
-        membership["mask_class_names"] = self.data.mask_class_names
-        files.write_json(os.path.join(workdir, "splits.json"), membership)
-        files.write_json(os.path.join(workdir, "provenance.json"), self.init.provenance)
-
-    def examples_per_epoch(self) -> int:
-        return len(self.data.splits["train"])
-
-    def model_config(self):
-        return self.init.model_config
+    def membership(self) -> dict[str, Any]:
+        return {**self.data.membership(), "mask_class_names": self.data.mask_class_names}
 
     def describe(self) -> dict[str, Any]:
         model = nnx.eval_shape(lambda: self._new_model(0))
@@ -160,11 +147,6 @@ class SegmentTask(Task):
         log.info("segmentation init: encoder %d tensors, head fresh (%d tensors)", len(report["loaded"]),
                  len(report["fresh"]))
         return weights
-
-    def make_optimizer(self, schedule, params, plan: StepPlan):
-        scales = optim.layer_decay_scales(params, self.init.model_config.depth, self.decay)
-        return optim.make_optimizer(self.config.optimizer, schedule, params, layer_scales=scales,
-                                    grad_accum_steps=plan.grad_accum_steps)
 
     # -------------------------------------------------------------------------------------------- step
 
@@ -226,8 +208,3 @@ class SegmentTask(Task):
         grid = metrics.overlay_grid(images, truths, preds, captions)
         if not cv2.imwrite(os.path.join(workdir, OVERLAY_FILE), grid):
             raise OSError(f"could not write {os.path.join(workdir, OVERLAY_FILE)}")
-
-    def close(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown()
