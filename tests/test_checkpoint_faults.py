@@ -9,6 +9,7 @@ import errno
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -129,3 +130,42 @@ def test_readers_create_clean_and_lock_nothing(reference, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.load_params(str(tmp_path / "nothing"))
     assert not os.path.exists(tmp_path / "nothing")
+
+
+def test_a_reader_whose_step_is_deleted_by_a_live_run_reads_the_newer_one(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    crashed_after_step_8(workdir)
+    expected, _ = checkpoint.read_workdir_params(workdir, step=8)  # step 12 will be a copy of step 8
+    steps_dir = os.path.join(workdir, "checkpoints")
+    read_step = checkpoint._read_step_params
+    calls = []
+
+    def keep_n_strikes_during_the_first_read(path, step):
+        calls.append(step)
+        if len(calls) == 1:  # meanwhile the run commits step 12 and starts deleting step 8
+            shutil.copytree(os.path.join(steps_dir, "8"), os.path.join(steps_dir, "12"))
+            for item in os.listdir(os.path.join(steps_dir, "8")):
+                if os.path.isdir(os.path.join(steps_dir, "8", item)):
+                    shutil.rmtree(os.path.join(steps_dir, "8", item))
+            raise checkpoint.CheckpointError(f"{path}: checkpoint step {step} cannot be read (deleted)")
+        return read_step(path, step)
+
+    monkeypatch.setattr(checkpoint, "_read_step_params", keep_n_strikes_during_the_first_read)
+    params, step = checkpoint.read_workdir_params(workdir)
+    assert (calls, step) == ([8, 12], 12)
+    assert_trees_equal(params, expected)
+
+
+def test_a_newest_step_that_cannot_be_read_is_an_error_not_a_retry(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    crashed_after_step_8(workdir)
+    calls = []
+
+    def unreadable(path, step):
+        calls.append(step)
+        raise checkpoint.CheckpointError(f"{path}: checkpoint step {step} cannot be read (damaged)")
+
+    monkeypatch.setattr(checkpoint, "_read_step_params", unreadable)
+    with pytest.raises(checkpoint.CheckpointError, match="step 8 cannot be read"):
+        checkpoint.read_workdir_params(workdir)
+    assert calls == [8]

@@ -38,6 +38,7 @@ from usf_mae_jax.core import trees
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+READ_ATTEMPTS = 20  # reads of the newest step while a live run with keep-N deletes the one being read
 
 
 class IncompatibleCheckpointError(CheckpointError):
@@ -271,9 +272,10 @@ def read_workdir_params(workdir: str, step: int | None = None) -> tuple[dict, in
     """(params as NumPy, step) from a workdir's checkpoint: the `best` item when present, else the state's.
 
     Read-only; `step` None takes the newest committed step. Only the params are read (not the optimizer). A
-    live run may delete an old step while it is read (keep-N); the newest step is then tried once more.
+    live run may delete the step being read (keep-N) once it has saved newer ones; the newest step is then read
+    again, up to READ_ATTEMPTS times. A step that fails while it is still the newest is an error.
     """
-    for attempt in range(2):
+    for attempt in range(READ_ATTEMPTS):
         steps = workdir_steps(workdir)
         if not steps:
             raise MissingInputError(f"{workdir} is a workdir without any complete checkpoint")
@@ -283,10 +285,16 @@ def read_workdir_params(workdir: str, step: int | None = None) -> tuple[dict, in
         try:
             return _read_step_params(workdir, chosen), chosen
         except CheckpointError:
-            if step is not None or attempt or chosen in workdir_steps(workdir):
+            if step is not None or attempt == READ_ATTEMPTS - 1 or not _superseded(workdir, chosen):
                 raise
             log.info("checkpoint step %d of %s was removed while it was read; reading the newest", chosen, workdir)
     raise AssertionError("unreachable")
+
+
+def _superseded(workdir: str, step: int) -> bool:
+    """True when a live run has moved past `step`: its folder is (being) removed or a newer step is committed."""
+    steps = workdir_steps(workdir)
+    return not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR, str(step))) or not steps or steps[-1] > step
 
 
 def _read_step_params(workdir: str, step: int) -> dict:
