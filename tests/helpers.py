@@ -61,11 +61,12 @@ def scalar_steps(events, tag: str) -> list[int]:
     return [e.step for e in events if e.HasField("summary") and any(v.tag == tag for v in e.summary.value)]
 
 
-def converted_busbra(root, patients: int, size: int, seed: int) -> str:
-    """A synthetic BUS-BRA-layout tree converted with the benchmark builder; returns the --out_dir."""
+def converted_busbra(root, patients: int, size: int, seed: int, **tree_options) -> str:
+    """A synthetic BUS-BRA-layout tree (`mock.write_busbra_tree` with `tree_options`, e.g. fat_lobules=True)
+    converted with the benchmark builder; returns the --out_dir."""
     from data_prep.benchmarks import convert, mock
 
-    mock.write_busbra_tree(str(root / "raw"), patients=patients, size=size, seed=seed)
+    mock.write_busbra_tree(str(root / "raw"), patients=patients, size=size, seed=seed, **tree_options)
     convert("busbra", str(root / "raw"), str(root / "out"))
     return str(root / "out")
 

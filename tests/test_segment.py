@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from helpers import set_fields
+from helpers import converted_busbra, set_fields
 
 from configs import pretrain as pretrain_config
 from configs import segment as segment_config
@@ -40,10 +40,7 @@ def run(config, workdir):
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("busbra")
-    mock.write_busbra_tree(str(root / "raw"), patients=12, size=32, seed=1, fat_lobules=True)
-    convert("busbra", str(root / "raw"), str(root / "out"))
-    return str(root / "out")
+    return converted_busbra(tmp_path_factory.mktemp("busbra"), patients=12, size=32, seed=1, fat_lobules=True)
 
 
 def local_config(data_dir: str, arg: str = "busbra,runlocal", **fields):
