@@ -45,12 +45,15 @@ def test_concurrent_embed_and_finetune_from_a_live_workdir_leave_it_undisturbed(
     embed = subprocess.Popen([sys.executable, "-m", "usf_mae_jax.embed", f"--init={live}",
                               f"--data_dir={tmp_path / 'bench'}", f"--out={tmp_path / 'features.npz'}"],
                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reads_while_live = []
+    reads_while_live, reader_errors = [], []
 
     def read_until_the_writer_ends() -> None:  # a third reader, in this process, as fast as it can
-        while writer.poll() is None:
-            checkpoint.load_params(live)
-            reads_while_live.append(writer.poll() is None)
+        try:
+            while writer.poll() is None:
+                checkpoint.load_params(live)
+                reads_while_live.append(writer.poll() is None)
+        except Exception as err:  # a thread's exception would otherwise only be printed
+            reader_errors.append(err)
 
     reader = threading.Thread(target=read_until_the_writer_ends)
     reader.start()
@@ -61,7 +64,7 @@ def test_concurrent_embed_and_finetune_from_a_live_workdir_leave_it_undisturbed(
     reader.join(timeout=900)
     assert writer.wait() == 0, writer.stderr.read()[-3000:]
     assert embed.wait(timeout=600) == 0, embed.stderr.read()[-3000:]
-    assert tuned["results"]["n_test"] > 0 and any(reads_while_live)
+    assert not reader_errors and tuned["results"]["n_test"] > 0 and any(reads_while_live)
     assert not [d for d in os.listdir(os.path.join(live, "checkpoints")) if "tmp" in d]
     ours, _ = checkpoint.read_workdir_params(live, step=TOTAL)
     theirs, _ = checkpoint.read_workdir_params(reference, step=TOTAL)
