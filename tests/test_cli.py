@@ -79,6 +79,6 @@ def test_embed_and_crossval_errors_are_one_line(evil_pth, tmp_path):
     assert code == 2 and error_line(err) == "embed: --init is required (a workdir, an interop import dir or a .pth)"
     code, err = run("-m", "usf_mae_jax.embed", f"--init={evil_pth}", f"--data_dir={tmp_path}")
     assert code == 2 and "refusing to load global" in error_line(err)
-    code, err = run("-m", "usf_mae_jax.evaluators.crossval", "--config=configs/finetune.py:busbra,runlocal",
+    code, err = run("-m", "usf_mae_jax.trainers.crossval", "--config=configs/finetune.py:busbra,runlocal",
                     f"--workdir={tmp_path}/cv", "--folds=1,two")
     assert code == 2 and error_line(err) == "crossval: --folds must be comma-separated integers, got '1,two'"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_config
-from usf_mae_jax.evaluators import crossval, metrics
+from usf_mae_jax.evaluators import metrics
+from usf_mae_jax.trainers import crossval
 
 
 def fake_run(calls: list):
@@ -73,7 +74,7 @@ def test_command_line_runs_two_real_folds(tmp_path, python_runner):
         mock.write_busbra_tree("{tmp_path}/raw", patients=12, size=32, seed=0)
         convert("busbra", "{tmp_path}/raw", "{tmp_path}/out")
         from absl import app
-        from usf_mae_jax.evaluators import crossval
+        from usf_mae_jax.trainers import crossval
         sys.argv = ["crossval", "--config=configs/finetune.py:busbra,runlocal", "--folds=1,2",
                     "--workdir={tmp_path}/cv", "--config.input.data_dir={tmp_path}/out"]
         try:

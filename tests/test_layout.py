@@ -1,5 +1,6 @@
 """The rules of the house (docs/design.md): the library imports neither data_prep nor configs, its modules
-form no import cycle, and nothing in it edits sys.path or cites documents outside the repository."""
+form no import cycle and no upward import between floors, and nothing in it edits sys.path or cites documents
+outside the repository."""
 
 from __future__ import annotations
 
@@ -45,6 +46,34 @@ def import_graph() -> dict[str, set[str]]:
         # A package's __init__ is not an edge to its children (importing a.b runs a/__init__ first anyway).
         graph[module] = {t for t in targets if not module.startswith(t + ".")}
     return graph
+
+
+# docs/design.md, "Layout": the floors, lowest first. A module may import its own floor and the ones below.
+FLOORS = (
+    ("cli", "accelerators", "distributed", "host_memory"),
+    ("core",),
+    ("models", "data", "torch_reference"),
+    ("evaluators", "interop", "embed"),
+    ("trainers",),
+    ("study", "bench", "attention_bench", "torch_bench"),
+)
+
+
+def floor_of(module: str) -> int:
+    """The floor of a library module, from its first name below the package (`usf_mae_jax.core.x` -> core)."""
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else ""
+    for level, names in enumerate(FLOORS):
+        if top in names:
+            return level
+    raise KeyError(f"{module} is on no floor: add {top!r} to FLOORS in tests/test_layout.py and docs/design.md")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a higher floor, as 'importer -> imported (floor a -> floor b)'."""
+    return sorted(f"{source} -> {target} (floor {floor_of(source)} -> {floor_of(target)})"
+                  for source, targets in graph.items() for target in targets
+                  if source != PACKAGE and floor_of(target) > floor_of(source))
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -93,6 +122,23 @@ def test_no_import_cycles():
 
 def test_the_cycle_check_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_module_is_on_a_floor_and_none_imports_upward():
+    graph = import_graph()
+    for module in graph:
+        if module != PACKAGE:
+            floor_of(module)
+    assert upward_imports(graph) == []
+
+
+def test_the_floor_check_finds_an_upward_import():
+    graph = {"usf_mae_jax.core.checkpoint": {"usf_mae_jax.interop.torch_mae", "usf_mae_jax.cli"},
+             "usf_mae_jax.evaluators.crossval": {"usf_mae_jax.trainers.loop", "usf_mae_jax.models.vit"},
+             "usf_mae_jax.embed": {"usf_mae_jax.interop.weights"}}
+    assert upward_imports(graph) == [
+        "usf_mae_jax.core.checkpoint -> usf_mae_jax.interop.torch_mae (floor 1 -> 3)",
+        "usf_mae_jax.evaluators.crossval -> usf_mae_jax.trainers.loop (floor 3 -> 4)"]
 
 
 def test_no_sys_path_edits_and_no_citations_outside_the_repository():

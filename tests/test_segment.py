@@ -28,10 +28,10 @@ from configs import segment as segment_config
 from data_prep.benchmarks import convert, load_split, mock
 from usf_mae_jax.core import checkpoint
 from usf_mae_jax.data import segmentation as segdata
-from usf_mae_jax.evaluators import crossval, seg_baseline
+from usf_mae_jax.evaluators import seg_baseline
 from usf_mae_jax.evaluators import segmentation as metrics
 from usf_mae_jax.models import pos_embed
-from usf_mae_jax.trainers import loop, registry
+from usf_mae_jax.trainers import crossval, loop, registry
 
 
 def run(config, workdir):

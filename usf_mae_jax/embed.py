@@ -132,10 +132,10 @@ def build_encoder(init: str, img_size: int, pool: str):
     import jax
     from flax import nnx
 
-    from usf_mae_jax.core import checkpoint
+    from usf_mae_jax.interop import weights
     from usf_mae_jax.models import classifier, vit
 
-    params, fields = checkpoint.load_params(init)
+    params, fields = weights.load_weights(init)
     if fields is None:
         raise CheckpointError(f"init {init}: its model configuration is unknown (a workdir without config.json?)")
     source = vit.ModelConfig(**{k: v for k, v in fields.items()

@@ -13,10 +13,11 @@ newest step that restores, moves a corrupt or incomplete newest step aside (rena
 one warning naming the step) so that a rerun never loops on it, and turns a failed save (a full disk,
 permissions) into an error naming the step and the cause, raised at the next step boundary.
 
-`load_params(path)` is the reader used by `init`, `embed`, `interop export` and evaluation: a workdir (its
-`best` params when the run selected by a metric, else its newest state), an interop import directory, or a
-PyTorch `.pth`/`.pt`/`.safetensors`. Readers open workdirs read-only: they create nothing, clean nothing and
-lock nothing, so a reader next to a live run never disturbs it (docs/design.md, "Checkpoints").
+`load_params(workdir)` reads a workdir's params (its `best` params when the run selected by a metric, else
+its newest state); `usf_mae_jax.interop.weights.load_weights` builds on it to read any init (a workdir, an
+interop import directory, a PyTorch `.pth`/`.pt`/`.safetensors`). Readers open workdirs read-only: they create
+nothing, clean nothing and lock nothing, so a reader next to a live run never disturbs it (docs/design.md,
+"Checkpoints").
 """
 
 from __future__ import annotations
@@ -315,29 +316,28 @@ def _read_step_params(workdir: str, step: int) -> dict:
     return jax.tree.map(np.asarray, restored[item]["params"])
 
 
-def load_params(path: str, step: int | None = None) -> tuple[dict, dict | None]:
-    """Params for `init` and the other readers (module docstring): (params, model fields or None).
+def load_params(workdir: str, step: int | None = None) -> tuple[dict, dict | None]:
+    """(params, model fields or None) of a training workdir, read-only (module docstring).
 
-    The model fields are the saved ModelConfig as a dict when the source records it.
+    The model fields are the `resolved_model` its config.json records. Weights in other forms (a PyTorch
+    file, an interop import directory) are read one floor up, by `usf_mae_jax.interop.weights.load_weights`,
+    which calls this for workdirs: core never imports the interop layer.
     """
-    if not path:
+    if not workdir:
         raise MissingInputError("no checkpoint path given")
-    if os.path.isfile(path):
-        from usf_mae_jax.interop import torch_mae  # local: the interop layer is only needed for torch files
+    if not os.path.exists(workdir):
+        raise MissingInputError(f"checkpoint path {workdir} does not exist")
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        raise MissingInputError(f"{workdir} is not a training workdir (it has no {CHECKPOINT_DIR}/ folder)")
+    params, _ = read_workdir_params(workdir, step)
+    config_path = os.path.join(workdir, "config.json")
+    fields = None
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            fields = json.load(f).get("resolved_model")
+    return params, fields
 
-        params, model_config, _ = torch_mae.load_pretrained(path)
-        return params, dataclasses.asdict(model_config)
-    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-        params, _ = read_workdir_params(path, step)
-        config_path = os.path.join(path, "config.json")
-        fields = None
-        if os.path.exists(config_path):
-            with open(config_path) as f:
-                fields = json.load(f).get("resolved_model")
-        return params, fields
-    if os.path.isdir(path):
-        from usf_mae_jax.interop import torch_mae
 
-        params, model_config, _ = torch_mae.load_pretrained(path)
-        return params, dataclasses.asdict(model_config)
-    raise MissingInputError(f"checkpoint path {path} does not exist")
+def is_workdir(path: str) -> bool:
+    """True for a training workdir (a folder with a checkpoints/ folder), whatever its steps."""
+    return os.path.isdir(os.path.join(path, CHECKPOINT_DIR))

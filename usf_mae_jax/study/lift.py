@@ -3,7 +3,7 @@
     python -m usf_mae_jax.study.lift --out DIR [--scale small|tiny|gpu] [--folds 5] [--seeds 3] \
         [--arms plain,fov,usaug,normpix] [--budgets 0.05,1.0] [--cues all=0,margin=1,...]
 
-One command, resumable (a finished step is skipped, like evaluators/crossval.py), every training run through
+One command, resumable (a finished step is skipped, like trainers/crossval.py), every training run through
 the project's own entry points (the configs, `registry.create`, `loop.run`, `crossval.sweep`):
 
   1. data (`python -m data_prep ...`, idempotent): an unlabelled pool (`data_prep synthetic`, lesions of both
@@ -233,8 +233,8 @@ def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any,
               seeds: list[int], arms: list[str], budgets: list[float], cues: str | None = None,
               scale_override: str = "", ablation_budgets: list[float] | None = None, pretrain_seed: int = 0) -> dict:
     """Every stage of the study (module docstring), skipping finished ones; returns the report's payload."""
-    from usf_mae_jax.evaluators import crossval
     from usf_mae_jax.study import report
+    from usf_mae_jax.trainers import crossval
 
     if scale_name not in SCALES:
         raise ConfigError(f"--scale must be one of {', '.join(SCALES)}, got {scale_name!r}")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from usf_mae_jax import cli
-    from usf_mae_jax.evaluators.crossval import parse_int_list
+    from usf_mae_jax.trainers.crossval import parse_int_list
 
     parser = argparse.ArgumentParser(prog="python -m usf_mae_jax.study.lift", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="study folder (data, workdirs, lift.md/json/png)")

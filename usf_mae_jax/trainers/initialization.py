@@ -1,7 +1,7 @@
 """The `init` of downstream tasks: which weights, which architecture, and where they came from.
 
 `config.init` is a pretraining or fine-tuning workdir (read-only), an interop import directory or a PyTorch
-`.pth`/`.pt`/`.safetensors` (core/checkpoint.py `load_params`). The architecture comes from the init when it
+`.pth`/`.pt`/`.safetensors` (interop/weights.py `load_weights`). The architecture comes from the init when it
 records one; `model.img_size` always comes from the config, and the position table is resized to it. An
 explicit architecture override that contradicts the init is an error rather than a silent choice.
 
@@ -20,6 +20,7 @@ from typing import Any
 from usf_mae_jax.cli import CheckpointError, ConfigError
 from usf_mae_jax.core import checkpoint, files
 from usf_mae_jax.data import folders
+from usf_mae_jax.interop import weights
 from usf_mae_jax.models import vit
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def resolve_init(config: Any) -> InitInfo:
                     "--config.init=PATH (a pretraining workdir, an interop import dir or a .pth) to "
                     "evaluate a pretrained model.")
         return InitInfo(None, None, vit.config_from_block(model_cfg), init_provenance(None))
-    params, fields = checkpoint.load_params(config.init)
+    params, fields = weights.load_weights(config.init)
     if fields is None:
         raise CheckpointError(f"init {config.init}: its model configuration is unknown (a workdir without "
                               "config.json?); cannot tell the architecture")

@@ -30,10 +30,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from usf_mae_jax.cli import ConfigError
-from usf_mae_jax.core import checkpoint, optim, sharding, trees
+from usf_mae_jax.core import optim, sharding, trees
 from usf_mae_jax.core.steps import StepPlan
 from usf_mae_jax.data import pipeline
 from usf_mae_jax.evaluators import probes, reconstruction
+from usf_mae_jax.interop import weights
 from usf_mae_jax.models import fov, vit
 from usf_mae_jax.models.mae import MaskedAutoencoder, validate_mask_ratio
 from usf_mae_jax.trainers.task import Task
@@ -96,7 +97,7 @@ class PretrainTask(Task):
         self._examples = pipeline.images_per_epoch(self.config.input)
         self._init_params = None
         if self.config.init:  # read now, so that a missing or unsafe file fails before anything is written
-            self._init_params, _ = checkpoint.load_params(self.config.init)
+            self._init_params, _ = weights.load_weights(self.config.init)
         elif self.config.get("preset") == "usf_mae":
             log.warning("the usf_mae recipe continues from the ImageNet MAE weights, but config.init is not set: "
                         "pretraining starts from random weights. Pass --config.init=mae_pretrain_vit_base_full.pth")

@@ -1,8 +1,8 @@
 """Cross-validation driver: every (fold, seed) fine-tune, linear-probe or segmentation run, then one table.
 
-    python -m usf_mae_jax.evaluators.crossval --config=configs/finetune.py:busbra --folds 1,2,3,4,5 \
+    python -m usf_mae_jax.trainers.crossval --config=configs/finetune.py:busbra --folds 1,2,3,4,5 \
         [--seeds 0,1,2] --workdir W [--config.init=PATH --config.input.data_dir=OUT ...]
-    python -m usf_mae_jax.evaluators.crossval --config=configs/segment.py:busbra --folds 1,2,3,4,5 --workdir W ...
+    python -m usf_mae_jax.trainers.crossval --config=configs/segment.py:busbra --folds 1,2,3,4,5 --workdir W ...
 
 Each run goes to `W/fold{K}_seed{S}/` with its own `results.json`, confusion PNG, `splits.json` (the exact
 record ids of its train / validation / test splits) and `provenance.json` (the init and the pretraining
