@@ -79,7 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if args.preset == "demo":
         c.model = common.model_block("tiny", 64, patch_size=8, depth=4, decoder_depth=1)
-        c.input = common.input_block(source="synthetic", synthetic_count=2048, augment="none")
+        # `eval` is a nearest resize to img_size: a no-op on the synthetic frames, which are made at that size,
+        # and what lets the demo run on one's own shards of any frame size (--config.input.source=shards).
+        c.input = common.input_block(source="synthetic", synthetic_count=2048, augment="eval")
         c.batch_size = 32
         c.total_steps = 300
         c.warmup_fraction = 0.1

@@ -62,6 +62,32 @@ def test_launch_config_errors_are_one_line(tmp_path, override, message):
     assert code == 2 and message in error_line(err)
 
 
+@pytest.fixture(scope="module")
+def shards_96(tmp_path_factory):
+    """Synthetic 96x96 frames as `python -m data_prep synthetic` writes them: not the demo's 64 px."""
+    out = tmp_path_factory.mktemp("shards96")
+    code, err = run("-m", "data_prep", "synthetic", f"--out_dir={out}", "--count=40", "--size=96", "--no_progress")
+    assert code == 0, err
+    return str(out)
+
+
+def test_demo_trains_on_shards_of_another_frame_size(shards_96, tmp_path):
+    code, err = run("launch.py", "--config=configs/pretrain.py:demo", f"--workdir={tmp_path}/w",
+                    "--config.input.source=shards", f"--config.input.data_dir={shards_96}", "--config.total_steps=2")
+    assert code == 0, err[-3000:]
+    assert "pretrain finished at step 2" in err and "nearest64" not in err
+
+
+def test_augment_none_on_frames_of_another_size_is_one_line(shards_96, tmp_path):
+    code, err = run("launch.py", "--config=configs/pretrain.py:demo", f"--workdir={tmp_path}/w",
+                    "--config.input.source=shards", f"--config.input.data_dir={shards_96}",
+                    "--config.input.augment=none")
+    assert code == 2
+    assert error_line(err) == (f"launch.py: input.augment='none' feeds frames unchanged to a 64x64 model, but "
+                               f"{shards_96}/synthetic holds 96x96 frames: set --config.input.augment=eval (nearest "
+                               f"resize to 64) or --config.model.img_size=96")
+
+
 def test_launch_verbose_shows_the_traceback(tmp_path):
     code, err = run("launch.py", "--config=configs/pretrain.py:demo,runlocal", f"--workdir={tmp_path}/w",
                     "--config.batch_size=0", "--verbose")

@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from data_prep import writer
+from usf_mae_jax.cli import ConfigError
 from usf_mae_jax.core import checkpoint
 from usf_mae_jax.data import augment, pipeline
 
@@ -315,3 +316,26 @@ def test_thread_defaults(monkeypatch):
     assert pipeline.host_threads(_config("", num_threads=0, worker_processes=3)) == 2
     assert pipeline.host_threads(_config("", num_threads=0, worker_processes=16)) == 1
     assert pipeline.host_threads(_config("", num_threads=5, worker_processes=3)) == 5
+
+
+def load_sized(task):
+    """Task (i, side) -> a side x side image whose every pixel is i."""
+    index, side = task
+    yield writer.Example(image=np.full((side, side), index, np.uint8), source=f"img{index}.png")
+
+
+def test_none_on_frames_of_another_size_says_what_to_set(tmp_path):
+    writer.write_dataset(tmp_path, "big", [(i, 12) for i in range(4)], load_sized, progress=False)
+    with pytest.raises(ConfigError, match=r"but \S+/big holds 12x12 frames: set --config.input.augment=eval "
+                                          r"\(nearest resize to 8\) or --config.model.img_size=12"):
+        pipeline.build_host_dataset(_config(tmp_path / "big"), batch_size=2, img_size=SIDE, seed=0)
+    eval_batch = _take(pipeline.build_host_dataset(_config(tmp_path / "big", augment="eval"), batch_size=2,
+                                                   img_size=SIDE, seed=0), 1)[0]["image"]
+    assert eval_batch.shape == (2, SIDE, SIDE, 1)
+
+
+def test_none_meeting_a_frame_of_another_size_later_stops_with_the_same_advice(tmp_path):
+    # The first record fits, so the up-front check passes; the odd one is met while batching.
+    writer.write_dataset(tmp_path, "mixed", [(0, SIDE), (1, 12)], load_sized, progress=False)
+    with pytest.raises(ConfigError, match=r"got 12x12 frames: set --config.input.augment=eval"):
+        _take(pipeline.build_host_dataset(_config(tmp_path / "mixed"), batch_size=2, img_size=SIDE, seed=0), 1)

@@ -43,6 +43,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from usf_mae_jax.cli import ConfigError
+
 PRESETS = ("usf_mae", "usf_mae_us", "mae", "eval", "none")
 USF_MAE_ROTATION = (0.0, 90.0)
 USF_MAE_SCALE = (0.5, 2.0)
@@ -165,10 +167,17 @@ def evaluate(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarr
     return resize_nearest(image, size)
 
 
+def identity_size_advice(size: int, height: int, width: int, where: str = "got") -> str:
+    """The one-line advice when `none` meets a frame that is not size x size: what to set instead."""
+    return (f"input.augment='none' feeds frames unchanged to a {size}x{size} model, but {where} {height}x{width} "
+            f"frames: set --config.input.augment=eval (nearest resize to {size}) or "
+            f"--config.model.img_size={height if height == width else 'N'}")
+
+
 def identity(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     del rng
     if image.shape[:2] != (size, size):
-        raise ValueError(f"augment='none' needs images of {size}x{size}, got {image.shape[0]}x{image.shape[1]}")
+        raise ConfigError(identity_size_advice(size, image.shape[0], image.shape[1]))
     return image
 
 

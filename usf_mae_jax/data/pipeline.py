@@ -61,7 +61,7 @@ from jax.sharding import Mesh
 
 from usf_mae_jax.cli import ConfigError, DataError, MissingInputError
 from usf_mae_jax.core import sharding
-from usf_mae_jax.data import augment, batching, folders, shards, synthetic
+from usf_mae_jax.data import augment, batching, folders, records, shards, synthetic
 
 MANIFEST_NAME = folders.MANIFEST_NAME
 NEAREST_PRESETS = ("usf_mae", "usf_mae_us", "eval")  # presets whose first step is Resize((size, size), NEAREST)
@@ -286,7 +286,8 @@ def _shard_readers(datasets: list[DatasetInfo], preset: str, img_size: int) -> l
     readers = []
     for info in datasets:
         nearest = info.nearest.get(img_size) if preset in NEAREST_PRESETS else None
-        if preset in NEAREST_PRESETS and nearest is None:
+        # Frames stored uncapped (max_side 0) are the originals: resizing them is the recipe's own first step.
+        if preset in NEAREST_PRESETS and nearest is None and info.max_side > 0:
             log.warning("%s: no stored nearest%d variant (converted before it existed, or with another "
                         "--nearest_size); %s resizes the stored frames instead, which were capped at "
                         "max_side=%d: frames larger than that reach the model smoother than in the authors' "
@@ -302,6 +303,18 @@ def _shard_readers(datasets: list[DatasetInfo], preset: str, img_size: int) -> l
     return readers
 
 
+def _check_unchanged_frames_fit(datasets: list[DatasetInfo], readers: list[shards.RecordReader],
+                                img_size: int) -> None:
+    """`augment='none'` feeds frames as stored: a dataset whose first frame is not img_size x img_size is a
+    one-line ConfigError saying what to set, raised before the step compiles (a record of another size met
+    later stops the run with the same advice, from `augment.identity`)."""
+    for info, reader in zip(datasets, readers):
+        header = records.decode_header(reader[0])
+        if (header["height"], header["width"]) != (img_size, img_size):
+            raise ConfigError(augment.identity_size_advice(img_size, header["height"], header["width"],
+                                                           f"{info.folder} holds"))
+
+
 def _sources(input_cfg: Any, img_size: int) -> tuple[list[Any], list[str], list[int], int]:
     """(sources, names, sizes, channels of the data) for the configured input."""
     if input_cfg.source == "synthetic":
@@ -310,6 +323,8 @@ def _sources(input_cfg: Any, img_size: int) -> tuple[list[Any], list[str], list[
     if input_cfg.source == "shards":
         datasets = find_datasets(input_cfg.data_dir)
         readers = _shard_readers(datasets, str(input_cfg.augment), img_size)
+        if str(input_cfg.augment) == "none":
+            _check_unchanged_frames_fit(datasets, readers, img_size)
         colour = any(d.channels.get("3", 0) > 0 for d in datasets)
         return readers, [d.name for d in datasets], [d.size for d in datasets], 3 if colour else 1
     raise ConfigError(f"unknown input source {input_cfg.source!r}; choose synthetic or shards")
