@@ -121,6 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.label_fraction = 1.0
     c.log_steps = 10
     c.ckpt_steps = 200
+    c.ckpt_minutes = 30.0  # also a checkpoint every 30 minutes of wall time, and at least one per tenth of the run
     c.keep_ckpts = 2
 
     if linear:

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init = config_dict.placeholder(str)
     c.log_steps = 20
     c.ckpt_steps = 1000
+    c.ckpt_minutes = 30.0  # also a checkpoint every 30 minutes of wall time, and at least one per tenth of the run
     c.keep_ckpts = 3
     c.vis_steps = 1000  # every vis_steps a PNG grid: input | masked | reconstruction
     c.vis_count = 4

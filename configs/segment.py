@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     c.log_steps = 10
     c.ckpt_steps = 200
+    c.ckpt_minutes = 30.0  # also a checkpoint every 30 minutes of wall time, and at least one per tenth of the run
     c.keep_ckpts = 2
 
     return common.apply_downstream_args(c, args, head_channels=16)

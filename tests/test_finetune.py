@@ -284,6 +284,35 @@ def test_kill_9_at_60_percent_resumes_and_ends_equal(bench, tmp_path, mode):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
+def test_a_short_fine_tune_with_the_preset_cadence_resumes_after_kill_9(bench, tmp_path):
+    """The preset checkpoints every 200 steps; a 150-step fine-tune still saves every 15 (a tenth of the run), so a
+    kill -9 at step 90 (60%) resumes from a checkpoint near it, not from step 0, and ends with the results of an
+    uninterrupted run. Before the tenth rule this run had no checkpoint until it ended."""
+    from conftest import CACHE_DIR
+
+    assert finetune_config.get_config("busbra").ckpt_steps == 200
+    overrides = {"total_steps": 150, "eval_steps": 15, "batch_size": 4, "eval_batch_size": 8, "log_steps": 10}
+    reference = local_config(bench, "busbra,runlocal", total_epochs=None, eval_epochs=None, ckpt_steps=200,
+                             **overrides)
+    run(reference, str(tmp_path / "reference"))
+    workdir = str(tmp_path / "killed")
+    args = ["--config=configs/finetune.py:busbra,runlocal", f"--workdir={workdir}", f"--config.input.data_dir={bench}",
+            "--config.ckpt_steps=200", *(f"--config.{k}={v}" for k, v in overrides.items())]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "USF_MAE_HOST_HUGEPAGES": "0"}
+    killed = subprocess.run([sys.executable, KILLER, "90", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # Saves every 15 steps; asynchronous, so the newest (75, even 90) may still have been in flight.
+    newest = max(checkpoint.workdir_steps(workdir))
+    assert newest in (45, 60, 75, 90), checkpoint.workdir_steps(workdir)
+    rerun = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from step {newest}" in rerun.stderr
+    with open(os.path.join(workdir, "results.json")) as a, open(tmp_path / "reference" / "results.json") as b:
+        assert json.load(a) == json.load(b)
+
+
 # ------------------------------------------------------------------------------------- learning (slow)
 
 # Budget for the learning smoke tests, on the 2 shared CPU cores this project is developed on (load average

@@ -59,7 +59,9 @@ def test_resume_after_a_crash_is_exact(reference, tmp_path):
     _, uninterrupted = reference
     workdir = str(tmp_path / "crashed")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        toy_task.run(workdir, fail_after_batches=10)  # after the step-8 checkpoint and evaluation
+        # 12 steps with ckpt_steps 4: checkpoints every 2 steps (a tenth of the run, rounded up); the crash comes
+        # after the step-8 checkpoint and evaluation, before the step-10 one.
+        toy_task.run(workdir, fail_after_batches=9)
     resumed = toy_task.run(workdir)
     assert resumed["start_step"] == 8 and resumed["final_step"] == 12
     assert_trees_equal(toy_task.params_of(resumed), toy_task.params_of(uninterrupted))
@@ -86,7 +88,7 @@ def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference, tmp_path,
     monkeypatch.setattr(toy_task.ToyTask, "after_step", sigterm_at_step_5)
     preempted = toy_task.run(workdir)
     assert preempted["status"] == "preempted" and preempted["final_step"] == 5
-    assert checkpoint.workdir_steps(workdir) == [4, 5]
+    assert checkpoint.workdir_steps(workdir) == [2, 4, 5]  # every 2 steps (a tenth of 12, rounded up), keep 3
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     monkeypatch.undo()
     resumed = toy_task.run(workdir)
@@ -127,9 +129,34 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     with pytest.raises(loop.TrainingDivergedError, match=r"non-finite loss \(nan\).* at step 7; the update was "
                                                           r"discarded"):
         toy_task.run(workdir, poison_step=6)  # the 7th step is the first with a NaN loss
-    assert checkpoint.workdir_steps(workdir) == [4]
+    assert checkpoint.workdir_steps(workdir) == [2, 4, 6]  # the step-8 save never happens
     params, _ = checkpoint.read_workdir_params(workdir)
     assert np.all(np.isfinite(params["w"]))
+
+
+def test_checkpoints_come_at_least_every_tenth_of_the_run_and_every_ckpt_minutes(tmp_path):
+    # ckpt_steps 1000 in a 40-step run: the tenth rule saves every 4 steps (keep 3).
+    toy_task.run(str(tmp_path / "tenth"), total_steps=40, ckpt_steps=1000, eval_steps=None)
+    assert checkpoint.workdir_steps(str(tmp_path / "tenth")) == [32, 36, 40]
+    # Steps of 30 ms with ckpt_minutes = 0.03 s: the clock, not the step count, asks for most saves.
+    workdir = str(tmp_path / "timed")
+    toy_task.run(workdir, total_steps=40, ckpt_steps=1000, eval_steps=None, ckpt_minutes=0.0005,
+                 seconds_per_batch=0.03)
+    steps = checkpoint.workdir_steps(workdir)
+    assert steps[-1] == 40 and any(s % 4 for s in steps), steps
+
+
+def test_save_clock_counts_wall_time_since_the_last_save():
+    now = [100.0]
+    clock = checkpoint.SaveClock(2.0, now=lambda: now[0])
+    assert not clock.due(1)
+    now[0] += 119.0
+    assert not clock.due(2)
+    now[0] += 1.0
+    assert clock.due(3)
+    clock.saved()
+    assert not clock.due(4)
+    assert not checkpoint.SaveClock(0.0, now=lambda: now[0] + 1e9).due(5)  # 0: off
 
 
 def toy_setup(guard: str, **overrides):

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from usf_mae_jax.cli import ConfigError
 from usf_mae_jax.core import optim, steps
 from usf_mae_jax.models import classifier, vit
 
@@ -133,3 +134,24 @@ def test_scale_by_tree_scales_lr_and_weight_decay():
     # With zero gradients the update is pure decoupled weight decay: -lr * wd * w * scale.
     np.testing.assert_allclose(updates["head"]["w"], -0.05 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_allclose(updates["blocks_0"]["w"], -0.025 * np.ones((2, 2)), rtol=1e-6)
+
+
+def plan_config(**fields) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict({
+        "batch_size": 8, "grad_accum_steps": 1, "total_steps": 150, "total_epochs": None, "warmup_steps": 0,
+        "warmup_epochs": None, "warmup_fraction": None, "eval_steps": None, "eval_epochs": None, "log_steps": 10,
+        "ckpt_steps": 200, "ckpt_minutes": 30.0, "optimizer": opt_cfg()})
+    config.update(fields)
+    return config
+
+
+@pytest.mark.parametrize(("total", "ckpt_steps", "every"), [(150, 200, 15), (12, 4, 2), (2000, 200, 200), (7, 200, 1)])
+def test_checkpoints_at_least_every_tenth_of_the_run(total, ckpt_steps, every):
+    plan = steps.plan(plan_config(total_steps=total, ckpt_steps=ckpt_steps), examples_per_epoch=64)
+    assert plan.ckpt_every == every and plan.ckpt_minutes == 30.0
+
+
+@pytest.mark.parametrize("minutes", [-1.0, -0.5])
+def test_bad_ckpt_minutes_is_a_config_error(minutes):
+    with pytest.raises(ConfigError, match="ckpt_minutes must be a non-negative number of minutes"):
+        steps.plan(plan_config(ckpt_minutes=minutes), examples_per_epoch=64)

@@ -33,7 +33,7 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict({
         "task": "toy", "seed": 0, "init": None, "batch_size": 8, "grad_accum_steps": 1,
         "total_steps": 12, "total_epochs": None, "warmup_steps": 2, "warmup_epochs": None, "warmup_fraction": None,
-        "eval_steps": 4, "eval_epochs": None, "log_steps": 1, "ckpt_steps": 4, "keep_ckpts": 3,
+        "eval_steps": 4, "eval_epochs": None, "log_steps": 1, "ckpt_steps": 4, "ckpt_minutes": 0.0, "keep_ckpts": 3,
         "optimizer": {"name": "adamw", "lr": 0.05, "blr": 0.0, "lr_batch_denominator": 256, "b1": 0.9, "b2": 0.999,
                       "eps": 1e-8, "weight_decay": 0.0, "wd_mask": "all", "clip_grad_norm": 0.0, "min_lr": 0.0},
         "mesh": {"data": -1, "fsdp": 1, "fsdp_min_size": 2**18},

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain
@@ -220,6 +221,36 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+class SaveClock:
+    """Whether `minutes` have passed since the last save, with the same answer on every process.
+
+    A save is collective (every process writes its part), so a wall-clock rule must not let the hosts'
+    clocks disagree: with several processes, process 0's answer is broadcast, and only at `sync_every`
+    steps so that the collective stays out of most steps. `minutes` <= 0 turns the rule off.
+    """
+
+    def __init__(self, minutes: float | None, sync_every: int = 1, now: Any = time.monotonic):
+        self.seconds = 60.0 * float(minutes or 0.0)
+        self.sync_every = max(int(sync_every), 1)
+        self._now = now
+        self._last = now()
+
+    def due(self, step: int) -> bool:
+        if self.seconds <= 0:
+            return False
+        if jax.process_count() == 1:
+            return self._now() - self._last >= self.seconds
+        if step % self.sync_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        late = np.asarray(self._now() - self._last >= self.seconds, np.int32)
+        return bool(multihost_utils.broadcast_one_to_all(late))
+
+    def saved(self) -> None:
+        self._last = self._now()
 
 
 def _barrier(name: str) -> None:

@@ -6,6 +6,11 @@ A config states durations with their unit (big_vision's convention, docs/design.
     warmup_steps | warmup_epochs | warmup_fraction    linear lr warmup (exactly one; fraction of the total)
     eval_steps | eval_epochs                          periodic evaluation (at most one; neither = no eval)
     log_steps, ckpt_steps                             in steps
+    ckpt_minutes                                      a checkpoint at least this often (0: off)
+
+Checkpoints come every `ckpt_steps`, but at least once per tenth of the run: a short run (a 150-step
+fine-tune with the presets' ckpt_steps 200) would otherwise have none until it ends, and a kill would
+restart it from step 0. `ckpt_minutes` adds a wall-clock bound, for runs whose steps are slow.
 
 `plan(config, examples_per_epoch, ...)` turns them into a `StepPlan` of integer step counts, together with
 the batch split and the peak learning rate `lr = blr * effective_batch / lr_batch_denominator` (an absolute
@@ -37,6 +42,7 @@ class StepPlan:
     ckpt_every: int
     eval_every: int  # 0: no periodic evaluation
     peak_lr: float
+    ckpt_minutes: float = 0.0  # a checkpoint at least this often, in minutes of wall time (0: off)
 
     @property
     def effective_batch(self) -> int:
@@ -134,6 +140,15 @@ def peak_learning_rate(opt_cfg: Any, effective_batch: int) -> float:
     return lr
 
 
+def _minutes(config: Any) -> float:
+    minutes = _get(config, "ckpt_minutes")
+    if minutes is None:
+        return 0.0
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes < 0:
+        raise ConfigError(f"ckpt_minutes must be a non-negative number of minutes (0: off), got {minutes!r}")
+    return float(minutes)
+
+
 def plan(config: Any, examples_per_epoch: int, data_parallel: int = 1, process_count: int = 1) -> StepPlan:
     """The step plan of `config` for a training set of `examples_per_epoch` examples (module docstring).
 
@@ -163,6 +178,6 @@ def plan(config: Any, examples_per_epoch: int, data_parallel: int = 1, process_c
     return StepPlan(
         examples_per_epoch=int(examples_per_epoch), batch_size=batch, grad_accum_steps=accum,
         steps_per_epoch=steps_per_epoch, total_steps=total, total_updates=updates, warmup_updates=warmup,
-        log_every=positive(config, "log_steps"), ckpt_every=positive(config, "ckpt_steps"),
+        log_every=positive(config, "log_steps"), ckpt_every=min(positive(config, "ckpt_steps"), -(-total // 10)),
         eval_every=max(eval_every, 0),
-        peak_lr=peak_learning_rate(config.optimizer, batch * accum))
+        peak_lr=peak_learning_rate(config.optimizer, batch * accum), ckpt_minutes=_minutes(config))

@@ -13,7 +13,8 @@ Order of work, so that every configuration error surfaces before anything is com
      loss, lr, grad norm and images/s go to the log, TensorBoard (flushed) and the progress bar; the task's
      evaluation runs every `eval_every` steps and at the end, and the best state by `task.select_metric` is
      kept; checkpoints of the state, the data position, the loop record and the best state are written every
-     `ckpt_every` steps, at the end, and at the first step boundary after SIGTERM or a preemption notice;
+     `ckpt_every` steps (at most a tenth of the run), every `ckpt_minutes` of wall time, at the end, and at
+     the first step boundary after SIGTERM or a preemption notice;
   6. the task's test runs once, on the best (or final) state, into `results.json` and `history.json`.
 
 Every evaluation is also a line of `evals.jsonl` (rewritten from the checkpoint's record on resume, so a
@@ -349,6 +350,7 @@ def _train(config: Any, workdir: str, task: Task, setup: Setup, ckpt: checkpoint
     clock = {"train_s": 0.0, "timed_steps": 0}
     pending = None
     status = "finished"
+    save_clock = checkpoint.SaveClock(plan.ckpt_minutes, sync_every=plan.log_every)
 
     def absorb(step_done: int, metrics) -> None:
         values = jax.device_get(metrics)
@@ -410,7 +412,8 @@ def _train(config: Any, workdir: str, task: Task, setup: Setup, ckpt: checkpoint
                     clock["timed_steps"] += 1
                 stop = preemption.requested or ckpt.reached_preemption(done)
                 evaluating = plan.eval_every and (done % plan.eval_every == 0 or done == plan.total_steps)
-                saving = done % plan.ckpt_every == 0 or done == plan.total_steps or stop
+                saving = (done % plan.ckpt_every == 0 or done == plan.total_steps or stop
+                          or save_clock.due(done))
                 if evaluating or saving:
                     absorb(*pending)  # never evaluate or save a state whose step has not been checked
                     pending = None
@@ -418,6 +421,7 @@ def _train(config: Any, workdir: str, task: Task, setup: Setup, ckpt: checkpoint
                     evaluate(done)
                 if saving:
                     ckpt.save(done, state, data.get_state(), record, best)
+                    save_clock.saved()
                 else:
                     ckpt.check_for_errors()
                 if stop:
