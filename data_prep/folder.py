@@ -13,8 +13,11 @@ A source without any image to convert is an error, not an empty dataset: the run
 writes no manifest, so a wrong `--src` is never sealed as "already converted".
 
 Segmentation masks share folders with their images in most ultrasound datasets, and ingesting them as
-images would teach the MAE to reconstruct binary blobs, so names containing "mask" or ending in "_seg" are
-excluded by default (`--keep_masks` turns that off).
+images would teach the MAE to reconstruct binary blobs. By default (`--keep_masks` turns both off):
+  * names containing "mask" or "annotation" (HC18's `NNN_HC_Annotation.png`), ending in "_seg", or under a
+    `labels/` or `gt/` folder (C-TRUS keeps its masks in `labels/` with the images' own names) are excluded;
+  * a file that passes the names but whose pixels are nearly all black or white (`clean.mask_like_reason`:
+    a mask with an innocent name, or a blank frame) is skipped with that reason in the manifest.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ import argparse
 import fnmatch
 import os
 
-from data_prep import arguments, writer
+from data_prep import arguments, clean, writer
 from data_prep.formats.image2d import IMAGE_EXTENSIONS, read_image
 from data_prep.walk import walk
 from usf_mae_jax.cli import DataError
 
-MASK_PATTERNS = ("*mask*", "*_seg.*", "*_seg_*")
+MASK_PATTERNS = ("*mask*", "*annotation*", "*_seg.*", "*_seg_*", "labels/*", "*/labels/*", "gt/*", "*/gt/*")
 CONVERTER_VERSION = "folder 1.0"
 
 
@@ -66,10 +69,15 @@ def _is_hidden(relative: str) -> bool:
     return relative.rsplit("/", 1)[-1].startswith(".")
 
 
-def load(task: tuple[str, str]):
-    """Task (absolute path, path relative to --src) -> one Example; read errors propagate as the reason."""
+def load(task: tuple[str, str], keep_masks: bool = False):
+    """Task (absolute path, path relative to --src) -> one Example; read errors propagate as the reason, and a
+    mask-like frame is skipped unless `keep_masks` (module docstring)."""
     path, relative = task
-    yield writer.Example(image=read_image(path), source=relative)
+    image = read_image(path)
+    reason = None if keep_masks else clean.mask_like_reason(image)
+    if reason:
+        raise writer.SkipFile(reason)
+    yield writer.Example(image=image, source=relative)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset name (folder name under --out_dir)")
     parser.add_argument("--include", action="append", help="glob on the relative path; repeatable")
     parser.add_argument("--exclude", action="append", help="glob on the relative path; repeatable")
-    parser.add_argument("--keep_masks", action="store_true", help="do not exclude *mask* / *_seg files")
+    parser.add_argument("--keep_masks", action="store_true",
+                        help="do not exclude mask-named files (*mask*, *annotation*, *_seg, labels/, gt/) nor "
+                             "mask-like frames (nearly all pixels black or white)")
     parser.add_argument("--split", default="train", type=arguments.split_name,
                         help="split written for every image, a lowercase name (default train)")
     parser.add_argument("--workers", type=arguments.positive_int, default=os.cpu_count() or 1)
@@ -94,9 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_progress", action="store_true")
 
 
-def _load_split(task: tuple[str, str, str]):
-    path, relative, split = task
-    for example in load((path, relative)):
+def _load_split(task: tuple[str, str, str, bool]):
+    path, relative, split, keep_masks = task
+    for example in load((path, relative), keep_masks):
         example.split = split
         yield example
 
@@ -107,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if not selected:
         found = ", ".join(f"{len(files)} {why}" for why, files in left_out.items()) or "it is empty"
         raise DataError(f"--src {root}: no image file to convert ({found})")
-    tasks = [(os.path.join(root, rel), rel, args.split) for rel in selected]
+    tasks = [(os.path.join(root, rel), rel, args.split, args.keep_masks) for rel in selected]
     manifest = writer.write_dataset(
         args.out_dir, args.name, tasks, _load_split, workers=args.workers,
         records_per_shard=args.records_per_shard, overwrite=args.overwrite, max_side=args.max_side,

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from data_prep import clean
 from data_prep.clean import (
     CleanOptions,
     annotation_mask,
@@ -113,3 +114,14 @@ def test_clean_image_switches_are_independent():
     np.testing.assert_array_equal(untouched, image)
     with pytest.raises(ValueError, match="uint8"):
         clean_image(image.astype(np.float32), CleanOptions())
+
+
+def test_mask_like_frames_are_told_apart_from_ultrasound():
+    speckle = np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8)
+    speckle[:, :20] = 0  # a wide black margin, as HC18 frames have, is still an image
+    assert clean.mask_like_reason(speckle) is None
+    mask = np.zeros((40, 50), np.uint8)
+    mask[10:30, 10:30] = 255
+    mask[10, 10:30] = 128  # a JPEG mask's grey edge
+    assert clean.mask_like_reason(mask).startswith("mask-like content: 99.0% of its pixels are near 0 or 255")
+    assert clean.mask_like_reason(np.zeros((8, 8, 3), np.uint8)) is not None  # a blank frame

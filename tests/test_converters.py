@@ -120,6 +120,36 @@ def test_folder_include_exclude(tmp_path):
     assert manifest["inputs"] == 12 and "deep16.png" in manifest["not_converted"]["excluded"]
 
 
+def _speckle(seed: int, shape=(24, 32)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(20, 200, shape, dtype=np.uint8)
+
+
+def test_folder_never_ingests_masks_of_the_real_releases_layouts(tmp_path, capsys):
+    """HC18 keeps `NNN_HC_Annotation.png` beside its frames, C-TRUS its JPEG masks in `labels/` under the images'
+    names; a mask under an innocent name is caught by its content (nearly all pixels black or white)."""
+    src, out = tmp_path / "raw", tmp_path / "out"
+    (src / "original").mkdir(parents=True)
+    (src / "labels").mkdir()
+    blob = np.zeros((24, 32), np.uint8)
+    blob[6:18, 8:20] = 255
+    Image.fromarray(_speckle(0)).save(src / "original" / "A1.jpg", quality=95)
+    Image.fromarray(blob).save(src / "labels" / "A1.jpg", quality=95)  # JPEG: grey edge pixels around the blob
+    Image.fromarray(_speckle(1)).save(src / "010_2HC.png")
+    Image.fromarray(blob).save(src / "010_2HC_Annotation.png")
+    Image.fromarray(blob).save(src / "outline.png")
+    code = data_prep_main(["folder", "--src", str(src), "--out_dir", str(out), "--name", "us", "--workers", "1",
+                           "--no_progress"])
+    manifest = writer.read_manifest(out / "us")
+    assert code == 0 and manifest["total"] == 2
+    assert manifest["not_converted"] == {"excluded": ["010_2HC_Annotation.png", "labels/A1.jpg"]}
+    assert [e["input"] for e in manifest["skipped"]] == [str(src / "outline.png")]
+    assert manifest["skipped"][0]["reason"].startswith("mask-like content: 100.0% of its pixels are near 0 or 255")
+    assert "skipped" in capsys.readouterr().out
+    code = data_prep_main(["folder", "--src", str(src), "--out_dir", str(out), "--name", "all", "--keep_masks",
+                           "--workers", "1", "--no_progress"])
+    assert code == 0 and writer.read_manifest(out / "all")["total"] == 5
+
+
 def test_synthetic_converter_cli_writes_labels(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "data_prep", "synthetic", "--out_dir", str(out), "--count", "6",

@@ -31,7 +31,7 @@ def data_prep(*args: str) -> subprocess.CompletedProcess:
 def _image_tree(root: Path, count: int = 3) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        Image.fromarray(np.full((6, 8), 40 * i, np.uint8)).save(root / f"{i}.png")
+        Image.fromarray(np.full((6, 8), 40 * i + 30, np.uint8)).save(root / f"{i}.png")  # grey: not mask-like
     return root
 
 

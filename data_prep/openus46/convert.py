@@ -27,7 +27,7 @@ import re
 from collections import Counter
 
 from data_prep import writer
-from data_prep.clean import CleanOptions, clean_image
+from data_prep.clean import CleanOptions, clean_image, mask_like_reason
 from data_prep.dedup import Deduplicator
 from data_prep.formats.archives import unpack_nested_zips, unsupported_archives
 from data_prep.formats.dicom import dicom_frames
@@ -100,6 +100,10 @@ def load_file(task: tuple) -> list[writer.Example]:
     if not frames:
         raise writer.SkipFile("no non-empty frame left after sampling")
     subject = subject_of(spec, relpath)
+    if len(frames) == 1 and frames[0][0] == -1:  # a still image: a mask the excludes missed is skipped, named
+        reason = mask_like_reason(frames[0][1])
+        if reason:
+            raise writer.SkipFile(reason)
     return [writer.Example(image=clean_image(image, clean), source=relpath, subject=group or subject,
                            frame=int(index))
             for index, image, group in frames]
