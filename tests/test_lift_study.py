@@ -39,17 +39,24 @@ def test_arms_and_budgets_are_checked():
             lift.parse_arm(bad)
     configs = (pretrain_configs.get_config("demo"), finetune_configs.get_config("busbra"))
     with pytest.raises(ConfigError, match="must start with 'plain'"):
-        lift.run_study("unused", "tiny", *configs, [1], [0], ["normpix"], [1.0])
+        lift.run_study("unused", "tiny", *configs, 1, [0], ["normpix"], [1.0])
     with pytest.raises(ConfigError, match="--budgets must be fractions"):
-        lift.run_study("unused", "tiny", *configs, [1], [0], ["plain"], [0.0])
+        lift.run_study("unused", "tiny", *configs, 1, [0], ["plain"], [0.0])
     with pytest.raises(ConfigError, match="--scale must be one of"):
-        lift.run_study("unused", "huge", *configs, [1], [0], ["plain"], [1.0])
+        lift.run_study("unused", "huge", *configs, 1, [0], ["plain"], [1.0])
 
 
-def test_tiny_study_writes_the_report_and_resumes(tmp_path):
-    out = str(tmp_path / "study")
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """The tiny study on its synthetic data: (output folder, payload of the first run)."""
+    out = str(tmp_path_factory.mktemp("lift") / "study")
     configs = (pretrain_configs.get_config("demo"), finetune_configs.get_config("busbra"))
-    payload = lift.run_study(out, "tiny", *configs, folds=[1], seeds=[0], arms=["plain"], budgets=[0.5, 1.0])
+    return out, lift.run_study(out, "tiny", *configs, num_folds=1, seeds=[0], arms=["plain"], budgets=[0.5, 1.0])
+
+
+def test_tiny_study_writes_the_report_and_resumes(tiny_study):
+    out, payload = tiny_study
+    configs = (pretrain_configs.get_config("demo"), finetune_configs.get_config("busbra"))
     for name in ("lift.md", "lift.json", "lift.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     with open(os.path.join(out, "lift.json")) as f:
@@ -67,6 +74,28 @@ def test_tiny_study_writes_the_report_and_resumes(tmp_path):
             with open(os.path.join(out, "runs", init, f"full_{budget}", "fold1_seed0", "splits.json")) as f:
                 counts.append(len(json.load(f)["train"]["ids"]))
         assert abs(counts[0] - counts[1] / 2) <= 1  # the 50% label budget was applied
-    again = lift.run_study(out, "tiny", *configs, folds=[1], seeds=[0], arms=["plain"], budgets=[0.5, 1.0])
+    again = lift.run_study(out, "tiny", *configs, num_folds=1, seeds=[0], arms=["plain"], budgets=[0.5, 1.0])
     assert again["timing"]["pretrain_plain_s"] == 0.0
     assert again["runs"] == saved["runs"]
+
+
+def test_the_study_runs_on_given_shards_and_a_given_benchmark_and_names_them(tiny_study, tmp_path):
+    """--pool and --labelled replace the synthetic data (here: the tiny study's own folders, standing in for real
+    ones); nothing is generated, and the report names the folders, their records and the benchmark's folds."""
+    first, _ = tiny_study
+    pool, labelled = os.path.join(first, "data", "pool", "pool"), os.path.join(first, "data", "labelled")
+    out = str(tmp_path / "given")
+    configs = (pretrain_configs.get_config("demo"), finetune_configs.get_config("busbra"))
+    payload = lift.run_study(out, "tiny", *configs, num_folds=2, seeds=[0], arms=["plain"], budgets=[1.0],
+                             pool=pool, labelled=labelled)
+    assert not os.path.exists(os.path.join(out, "data"))  # no synthetic data was written
+    with open(os.path.join(out, "lift.json")) as f:
+        settings = json.load(f)["settings"]
+    assert settings["folds"] == [1, 2] and not settings["synthetic_pool"] and not settings["synthetic_labelled"]
+    assert settings["data"]["pool"] == [{"folder": pool, "dataset": "pool", "records": 48}]
+    assert settings["data"]["labelled"].startswith(labelled) and settings["data"]["benchmark"] == "busbra"
+    assert "48 real unlabelled frames from `pool` (48)" in payload["markdown"]
+    assert f"Labelled set: `busbra` at `{settings['data']['labelled']}`" in payload["markdown"]
+    with pytest.raises(ConfigError, match=r"--folds 6: busbra under .* has 5 folds"):
+        lift.run_study(out, "tiny", *configs, num_folds=6, seeds=[0], arms=["plain"], budgets=[1.0], pool=pool,
+                       labelled=labelled)

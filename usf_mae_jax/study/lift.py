@@ -2,13 +2,17 @@
 
     python -m usf_mae_jax.study.lift --out DIR [--scale small|tiny|gpu] [--folds 5] [--seeds 3] \
         [--arms plain,fov,usaug,normpix] [--budgets 0.05,1.0] [--cues all=0,margin=1,...]
+    python -m usf_mae_jax.study.lift --out DIR --pool SHARDS[,SHARDS...] --labelled ROOT --benchmark busi ...
 
 One command, resumable (a finished step is skipped, like trainers/crossval.py), every training run through
 the project's own entry points (the configs, `registry.create`, `loop.run`, `crossval.sweep`):
 
   1. data (`python -m data_prep ...`, idempotent): an unlabelled pool (`data_prep synthetic`, lesions of both
      classes drawn with the study's cues, labels never read by pretraining) and a labelled BUS-BRA-layout
-     set from other seeds (`data_prep mock`), both from usf_mae_jax/data/synthetic.py;
+     set from other seeds (`data_prep mock`), both from usf_mae_jax/data/synthetic.py. Or real data:
+     `--pool` names `data_prep` shard folders (or roots of them) and `--labelled ROOT --benchmark NAME` a
+     converted benchmark (`busbra`, `busi`, `mmotu`, `gist514`, `labelled`); either replaces its synthetic
+     counterpart, and the report names the folders, their record counts and the benchmark's folds;
   2. one pretraining per arm (`plain` = the USF-MAE recipe at the scale's size; `fov`, `usaug`, `normpix`
      switch on one ultrasound-aware option each; `a+b` combines them), with the ridge / k-NN probes of every
      fold's train -> test split at step 0 and every `eval_steps` (evaluators/probes.py);
@@ -20,11 +24,16 @@ the project's own entry points (the configs, `registry.create`, `loop.run`, `cro
 The labelled set is built so that it can measure a lift (docs/transfer_study.md): the cue strengths make a
 fully supervised model clearly better than chance while a small label budget from scratch is not saturated.
 `--scale` picks the sizes (SCALES below); `gpu` is the accelerator-sized version, described in the docs.
+
+Downstream budgets are epochs of the labelled training split (`finetune_epochs`, `linear_epochs`), so a
+larger or smaller labelled set gets proportionally more or fewer steps; the smallest label budget gets its
+own, longer epoch count, since 5% of a few hundred images is one or two batches an epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -59,7 +68,7 @@ class Scale:
     pretrain_batch: int
     pretrain_lr: float
     probe_evals: int  # probe evaluations after step 0
-    finetune_steps: dict[str, int]  # "low" (budget < 1) and "full" (budget 1)
+    finetune_epochs: dict[str, float]  # "low" (budget < 1) and "full" (budget 1)
     finetune_batch: int
     finetune_lr: float
     linear_epochs: int
@@ -71,18 +80,18 @@ SCALES = {
     # The smoke test's size: a mu model on 32 px images, a few steps everywhere.
     "tiny": Scale(img_size=32, model=dict(variant="mu", patch_size=8, depth=1), pool_count=48,
                   lesion_fraction=1.0, patients=20, pretrain_steps=4, pretrain_batch=8, pretrain_lr=1e-3,
-                  probe_evals=2, finetune_steps={"low": 2, "full": 3}, finetune_batch=8, finetune_lr=5e-4,
+                  probe_evals=2, finetune_epochs={"low": 2, "full": 3}, finetune_batch=8, finetune_lr=5e-4,
                   linear_epochs=2, linear_batch=16, cues=""),
     # The CPU setting (docs/transfer_study.md): 2 cores, about half an hour for the plain arm and scratch.
     "small": Scale(img_size=64, model=dict(variant="tiny", patch_size=8, width=128, depth=4, heads=4,
                                            decoder_width=64, decoder_depth=1, decoder_heads=2),
                    pool_count=4000, lesion_fraction=1.0, patients=400, pretrain_steps=1500, pretrain_batch=64,
-                   pretrain_lr=1.5e-3, probe_evals=4, finetune_steps={"low": 120, "full": 150}, finetune_batch=32,
+                   pretrain_lr=1.5e-3, probe_evals=4, finetune_epochs={"low": 120, "full": 12}, finetune_batch=32,
                    finetune_lr=5e-4, linear_epochs=90, linear_batch=256, cues=CONSPICUOUS),
     # The accelerator setting: ViT-B/16 at 224 px on 100k frames (a few GPU hours; see the docs).
     "gpu": Scale(img_size=224, model=dict(variant="base", patch_size=16, dtype="bfloat16"), pool_count=100_000,
                  lesion_fraction=1.0, patients=2000, pretrain_steps=40_000, pretrain_batch=256, pretrain_lr=6e-4,
-                 probe_evals=20, finetune_steps={"low": 500, "full": 3000}, finetune_batch=64, finetune_lr=5e-4,
+                 probe_evals=20, finetune_epochs={"low": 500, "full": 100}, finetune_batch=64, finetune_lr=5e-4,
                  linear_epochs=90, linear_batch=256, cues=CONSPICUOUS),
 }
 
@@ -114,15 +123,53 @@ def data_prep(*args: str) -> None:
         raise ConfigError(f"`{' '.join(command[1:])}` failed: {(done.stderr or done.stdout).strip()[-500:]}")
 
 
-def build_data(out: str, scale: Scale, cues: str) -> dict[str, str]:
-    """The unlabelled pool (shards) and the labelled BUS-BRA-layout set; returns their folders."""
-    pool, labelled = os.path.join(out, "data", "pool"), os.path.join(out, "data", "labelled")
-    data_prep("synthetic", "--out_dir", pool, "--name", POOL_NAME, "--count", str(scale.pool_count), "--size",
-              str(scale.img_size), "--nearest_size", str(scale.img_size), "--seed", "1", "--lesion_fraction",
-              str(scale.lesion_fraction), "--cues", cues, "--no_progress")
-    data_prep("mock", "--out_dir", labelled, "--patients", str(scale.patients), "--size", str(scale.img_size),
-              "--seed", "2", "--cues", cues)
-    return {"pool": os.path.join(pool, POOL_NAME), "labelled": labelled}
+def build_data(out: str, scale: Scale, cues: str, pool: str = "", labelled: str = "",
+               benchmark: str = DATASET) -> dict[str, str]:
+    """The unlabelled pool (shards) and the labelled set: the synthetic ones (written under `out`) unless `pool`
+    (a comma list of data_prep shard folders or roots) or `labelled` (a converted benchmark's root) are given.
+    Returns their locations and the benchmark name."""
+    if not pool:
+        folder = os.path.join(out, "data", "pool")
+        data_prep("synthetic", "--out_dir", folder, "--name", POOL_NAME, "--count", str(scale.pool_count), "--size",
+                  str(scale.img_size), "--nearest_size", str(scale.img_size), "--seed", "1", "--lesion_fraction",
+                  str(scale.lesion_fraction), "--cues", cues, "--no_progress")
+        pool = os.path.join(folder, POOL_NAME)
+    if not labelled:
+        if benchmark != DATASET:
+            raise ConfigError(f"--benchmark {benchmark} needs --labelled ROOT (the synthetic set is {DATASET})")
+        labelled = os.path.join(out, "data", "labelled")
+        data_prep("mock", "--out_dir", labelled, "--patients", str(scale.patients), "--size", str(scale.img_size),
+                  "--seed", "2", "--cues", cues)
+    return {"pool": pool, "labelled": labelled, "benchmark": benchmark}
+
+
+def describe_data(data: dict[str, str], folds: list) -> dict[str, Any]:
+    """What the report says about the data: every pool folder with its records, the benchmark and its folds."""
+    from usf_mae_jax.data import benchmarks, folders
+
+    pool = []
+    for folder in folders.dataset_folders(data["pool"], "--pool"):
+        with open(os.path.join(folder, folders.MANIFEST_NAME)) as f:
+            manifest = json.load(f)
+        pool.append({"folder": os.path.abspath(folder), "dataset": manifest.get("dataset"),
+                     "records": manifest.get("counts", {}).get("train", manifest.get("total"))})
+    version_dir = benchmarks.find_version_dir(data["labelled"], data["benchmark"])
+    return {"pool": pool, "pool_records": sum(p["records"] or 0 for p in pool),
+            "benchmark": data["benchmark"], "labelled": os.path.abspath(version_dir),
+            "class_names": benchmarks.class_names(version_dir, data["benchmark"]), "folds": folds}
+
+
+def benchmark_folds(data: dict[str, str], count: int) -> list:
+    """The first `count` folds of the labelled benchmark, in its own numbering (BUS-BRA 1..5, MMOTU-2D 0, ...)."""
+    from usf_mae_jax.data import benchmarks
+
+    version_dir = benchmarks.find_version_dir(data["labelled"], data["benchmark"])
+    with open(os.path.join(version_dir, "splits.json")) as f:
+        names = sorted(json.load(f)["folds"], key=lambda name: (len(name), name))
+    if count > len(names):
+        raise ConfigError(f"--folds {count}: {data['benchmark']} under {data['labelled']} has {len(names)} folds "
+                          f"({', '.join(names)})")
+    return [int(name) if name.isdigit() else name for name in names[:count]]
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -154,7 +201,7 @@ def pretrain_config(base: Any, scale: Scale, arm: str, data: dict[str, str], fol
         config.log_steps = max(1, min(50, scale.pretrain_steps // 10))
         config.ckpt_steps = scale.pretrain_steps
         config.vis_steps = scale.pretrain_steps
-        config.evals.update(sets=",".join(f"{DATASET}:{k}" for k in folds), data_dir=data["labelled"],
+        config.evals.update(sets=",".join(f"{data['benchmark']}:{k}" for k in folds), data_dir=data["labelled"],
                             fit_split="train", score_split="test", pool="mean")
     return config
 
@@ -182,8 +229,8 @@ def downstream_config(base: Any, scale: Scale, data: dict[str, str], init: str |
                           eval_epochs=max(1.0, scale.linear_epochs / 9))
             config.batch_size = scale.linear_batch
         else:
-            steps = scale.finetune_steps["full" if budget >= 1 else "low"]
-            config.update(total_steps=steps, warmup_fraction=0.1, eval_steps=max(1, steps // 5))
+            epochs = float(scale.finetune_epochs["full" if budget >= 1 else "low"])
+            config.update(total_epochs=epochs, warmup_fraction=0.1, eval_epochs=max(1.0, epochs / 5))
             config.batch_size = scale.finetune_batch
             config.optimizer.lr = scale.finetune_lr
         config.eval_batch_size = 128
@@ -229,10 +276,15 @@ def scale_with(scale: Scale, overrides: str) -> Scale:
     return dataclasses.replace(scale, **changes)
 
 
-def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any, folds: list[int],
+def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any, num_folds: int,
               seeds: list[int], arms: list[str], budgets: list[float], cues: str | None = None,
-              scale_override: str = "", ablation_budgets: list[float] | None = None, pretrain_seed: int = 0) -> dict:
-    """Every stage of the study (module docstring), skipping finished ones; returns the report's payload."""
+              scale_override: str = "", ablation_budgets: list[float] | None = None, pretrain_seed: int = 0,
+              pool: str = "", labelled: str = "") -> dict:
+    """Every stage of the study (module docstring), skipping finished ones; returns the report's payload.
+
+    The benchmark is `finetune_base.dataset` (the preset of configs/finetune.py); the first `num_folds` of its
+    folds are used. `pool` / `labelled` replace the synthetic data (`build_data`).
+    """
     from usf_mae_jax.study import report
     from usf_mae_jax.trainers import crossval
 
@@ -254,7 +306,8 @@ def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any,
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     started, load_start = time.perf_counter(), load_average()
     timing: dict[str, float] = {}
-    data = build_data(out, scale, cues)
+    data = build_data(out, scale, cues, pool, labelled, str(finetune_base.dataset))
+    folds = benchmark_folds(data, num_folds)
     timing["data_s"] = time.perf_counter() - started
     runs = []
     inits = {"scratch": None}
@@ -275,6 +328,7 @@ def run_study(out: str, scale_name: str, pretrain_base: Any, finetune_base: Any,
         timing[f"downstream_{init_name}_s"] = time.perf_counter() - stage
     timing["wall_s"] = time.perf_counter() - started
     settings = {"scale": scale_name, **dataclasses.asdict(scale), "cues": cues, "folds": folds, "seeds": seeds,
+                "data": describe_data(data, folds), "synthetic_pool": not pool, "synthetic_labelled": not labelled,
                 "arms": arms, "budgets": budgets, "ablation_budgets": ablation_budgets, "pretrain_seed": pretrain_seed,
                 "load_average_start": load_start, "load_average_end": load_average(), "cpu_count": os.cpu_count()}
     probes_by_arm = {arm: report.read_probe_curve(os.path.join(out, "pretrain", arm)) for arm in arms}
@@ -290,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usf_mae_jax.study.lift", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="study folder (data, workdirs, lift.md/json/png)")
     parser.add_argument("--scale", default="small", help=f"one of {', '.join(SCALES)}")
-    parser.add_argument("--folds", type=int, default=5, help="the first N of the 5 patient-level folds")
+    parser.add_argument("--folds", type=int, default=5, help="the first N of the benchmark's folds")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated downstream seeds")
     parser.add_argument("--arms", default="plain", help="comma-separated: plain first, then options or a+b")
     parser.add_argument("--budgets", default="0.05,1.0", help="comma-separated label fractions")
@@ -300,22 +354,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain_seed", type=int, default=0,
                         help="seed of every pretraining (model init, masks, data order); downstream seeds: --seeds")
     parser.add_argument("--scale_override", default="", help="numeric Scale fields, e.g. pretrain_steps=1000")
+    parser.add_argument("--pool", default="", help="real unlabelled data: data_prep shard folders or roots, "
+                        "comma-separated (default: a synthetic pool)")
+    parser.add_argument("--labelled", default="", help="real labelled data: the --out_dir of `python -m data_prep "
+                        "BENCHMARK` (default: a synthetic BUS-BRA-layout set)")
+    parser.add_argument("--benchmark", default=DATASET, help="the labelled set's configs/finetune.py preset "
+                        "argument: busbra | busi | busi,classes=binary | mmotu | gist514 | labelled")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 
     def work() -> int:
-        if not 1 <= args.folds <= 5:
-            raise ConfigError(f"--folds must lie in 1..5, got {args.folds}")
+        if args.folds < 1:
+            raise ConfigError(f"--folds must be at least 1, got {args.folds}")
         try:
             budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
             ablation_budgets = [float(b) for b in args.ablation_budgets.split(",") if b.strip()] or None
         except ValueError:
             raise ConfigError("--budgets and --ablation_budgets must be comma-separated fractions") from None
         pretrain_base, finetune_base = load_config("configs/pretrain.py", "demo"), load_config(
-            "configs/finetune.py", "busbra")
-        payload = run_study(args.out, args.scale, pretrain_base, finetune_base, list(range(1, args.folds + 1)),
+            "configs/finetune.py", args.benchmark)
+        payload = run_study(args.out, args.scale, pretrain_base, finetune_base, args.folds,
                             parse_int_list(args.seeds, "seeds"), [a.strip() for a in args.arms.split(",")],
-                            budgets, args.cues, args.scale_override, ablation_budgets, args.pretrain_seed)
+                            budgets, args.cues, args.scale_override, ablation_budgets, args.pretrain_seed,
+                            pool=args.pool, labelled=args.labelled)
         print(payload["markdown"])
         return 0
 

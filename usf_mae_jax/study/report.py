@@ -99,13 +99,31 @@ def summarize(settings: dict, runs: list[dict], probes_by_arm: dict[str, dict]) 
             "probe_ablations": probe_ablations, "targets": targets}
 
 
+def data_lines(settings: dict) -> list[str]:
+    """What the study ran on: the synthetic sets with their sizes, or the real folders by name."""
+    data = settings.get("data", {})
+    if settings.get("synthetic_labelled", True):
+        labelled = (f"Labelled set: synthetic BUS-BRA layout, {settings['patients']} patients, cues "
+                    f"`{settings['cues'] or 'default'}`")
+    else:
+        labelled = (f"Labelled set: `{data['benchmark']}` at `{data['labelled']}` (classes "
+                    f"{', '.join(data['class_names'])}; folds {', '.join(map(str, data['folds']))})")
+    if settings.get("synthetic_pool", True):
+        pool = f"pool: {settings['pool_count']} synthetic unlabelled images"
+    else:
+        pool = (f"pool: {data['pool_records']:,} real unlabelled frames from "
+                + ", ".join(f"`{p['dataset']}` ({p['records']:,})" for p in data["pool"]))
+    return [f"{labelled}; {settings['img_size']} px.", "",
+            f"{pool[0].upper()}{pool[1:]}; pretraining {settings['pretrain_steps']:,} steps x "
+            f"{settings['pretrain_batch']}; fine-tuning {settings['finetune_epochs']['full']:g} epochs at 100% labels, "
+            f"{settings['finetune_epochs']['low']:g} below."]
+
+
 def markdown(settings: dict, timing: dict, summary: dict) -> str:
     arms, budgets = settings["arms"], settings["budgets"]
     n = len(settings["folds"]) * len(settings["seeds"])
     lines = [f"# Lift study ({settings['scale']}): {len(settings['folds'])} folds x {len(settings['seeds'])} seeds",
-             "", f"Labelled set: {settings['patients']} patients, {settings['img_size']} px, cues "
-             f"`{settings['cues'] or 'default'}`; pool {settings['pool_count']} unlabelled images; "
-             f"pretraining {settings['pretrain_steps']} steps x {settings['pretrain_batch']}.", "",
+             "", *data_lines(settings), "",
              f"## Downstream macro-F1 (mean ± std over {n} runs; lift = paired difference with scratch)", "",
              "| mode | labels | scratch | " + " | ".join(f"{a}" for a in arms) + " | " +
              " | ".join(f"lift {a}" for a in arms) + " |",
