@@ -69,6 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.subset = config_dict.placeholder(str)  # GIST514-DB roi | raw; None: the benchmark's default
     c.seed = 0
     c.init = config_dict.placeholder(str)  # None: random init (warned); else workdir | import dir | .pth
+    # Label budget: the share of the training split's images (with their masks) used, drawn per image class with
+    # `seed`; validation and test stay whole (as configs/finetune.py's label_fraction).
+    c.label_fraction = 1.0
     c.update(common.duration_fields())
     c.total_epochs = 100.0  # MAE paper, ADE20K: 100 epochs
     c.warmup_epochs = 5.0
