@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "data_dir": "",
         "fit_split": "train",
         "score_split": "validation",
-        "pool": "mean",  # mean of the patch tokens after norm | cls
+        "pool": "mean",  # mean of the patch tokens after norm | cls | blocks (every block's mean, averaged)
         "knn_k": 20,
         "ridge_l2": 1e-3,
         "batch_size": 128,

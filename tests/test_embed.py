@@ -111,3 +111,34 @@ def test_command_line_prints_a_json_summary(reference_pth, tmp_path, python_runn
         """)
     assert json.loads(out.strip().splitlines()[-1]) == {"out": f"{tmp_path}/e.npz", "count": 3, "dim": 32,
                                                          "pool": "cls", "img_size": 32}
+
+
+def torch_block_average(model, image: np.ndarray) -> np.ndarray:
+    """Every block's mean patch token of the reference encoder, averaged over the blocks (before `norm`)."""
+    x = np.repeat(image.astype(np.float32) / 255.0, 3, axis=-1)
+    x = (x - np.array(vit.IMAGENET_MEAN, np.float32)) / np.array(vit.IMAGENET_STD, np.float32)
+    with torch.no_grad():
+        imgs = torch.tensor(x).permute(2, 0, 1)[None]
+        tokens = model.patch_embed(imgs) + model.pos_embed[:, 1:]
+        h = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(1, -1, -1), tokens], dim=1)
+        means = []
+        for block in model.blocks:
+            h = block(h)
+            means.append(h[:, 1:].mean(dim=1))
+        return torch.stack(means).mean(dim=0)[0].numpy()
+
+
+def test_blocks_pool_is_the_reference_encoders_block_average(reference_pth, tmp_path):
+    model, path = reference_pth
+    tasks = synthetic.make_tasks(4, 32, seed=1, lesion_fraction=1.0, val_fraction=0.0)
+    writer.write_dataset(str(tmp_path / "shards"), "synth", tasks, synthetic.load, max_side=0, progress=False)
+    out = str(tmp_path / "b.npz")
+    assert embed.embed(path, str(tmp_path / "shards"), out, pool="blocks", batch_size=4)["pool"] == "blocks"
+    saved = np.load(out)
+    images = {}
+    for task in tasks:
+        for example in synthetic.load(task):
+            images[example.source] = example.image
+    for source, feature in zip(saved["source"], saved["embeddings"]):
+        image = images[str(source)]
+        np.testing.assert_allclose(feature, torch_block_average(model, image.reshape(32, 32, 1)), atol=2e-5)

@@ -281,3 +281,21 @@ def test_train_flops_formula_counts_the_models_matmuls(variant, overrides, ratio
     assert 3 * forward == expected
     patch_input_gradient = 2 * mae.num_kept(config.num_patches, ratio) * patches.shape[-1] * config.width
     assert dot_flops(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr) == expected - patch_input_gradient
+
+
+def test_block_average_is_the_mean_over_blocks_of_each_blocks_mean_patch_token():
+    from usf_mae_jax.models import classifier
+
+    config = vit.model_config("mu", img_size=32, patch_size=8, depth=3)
+    model = mae.MaskedAutoencoder(config, rngs=nnx.Rngs(1))
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    x = model._with_cls(model._patch_tokens(vit.patchify(images, 8)))
+    expected = []
+    for block in model.encoder_blocks():
+        x = block(x)
+        expected.append(np.asarray(x[:, 1:]).mean(axis=1))
+    np.testing.assert_allclose(model.encode_block_average(images), np.mean(expected, axis=0), atol=1e-5)
+    # The classifier computes the same feature from the same encoder weights (its table is the MAE's sin-cos).
+    head = classifier.ViTClassifier(config, 2, nnx.Rngs(2))
+    classifier.load_encoder_params(head, nnx.to_pure_dict(nnx.state(model, nnx.Param)), 32)
+    np.testing.assert_allclose(head.block_average_features(images), model.encode_block_average(images), atol=1e-5)

@@ -13,7 +13,9 @@ or a PyTorch `.pth`/`.pt`/`.safetensors`. `--data_dir` is either
 
 The feature is the encoder's cls token after `norm` (`--pool cls`, the reference linear-probe feature) or the
 mean patch token after `fc_norm` (`--pool mean`, the reference fine-tune feature; a fine-tuned init's
-`fc_norm` is used). `auto` takes cls when the init has the final `norm` (an MAE), mean otherwise. Images are
+`fc_norm` is used), or every block's mean patch token averaged over the blocks (`--pool blocks`, the probe
+feature that works best on MAE encoders, docs/real_data.md). `auto` takes cls when the init has the final
+`norm` (an MAE), mean otherwise. Images are
 resized with the evaluation transform (nearest) to `--img_size` (default: the init's).
 
 The output `.npz` holds `embeddings` (N, D) float32, `source`, `id`, `dataset`, `subject`, `split` (str) and
@@ -39,7 +41,8 @@ flags.DEFINE_string("data_dir", None,
                     "A converted benchmark dir, or shard folder(s) from data_prep (comma-separated).")
 flags.DEFINE_string("out", "features.npz", "Output .npz path.")
 flags.DEFINE_integer("img_size", 0, "Input size; 0 = the init's image size.")
-flags.DEFINE_enum("pool", "auto", ["auto", "cls", "mean"], "Which feature: cls token or mean patch token.")
+flags.DEFINE_enum("pool", "auto", ["auto", "cls", "mean", "blocks"],
+                  "Which feature: cls token, mean patch token, or every block's mean patch token averaged.")
 flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
 flags.DEFINE_string("benchmark", "", "Benchmark name when --data_dir holds several converted benchmarks.")
 flags.DEFINE_string("subset", "", "Benchmark subset (GIST514-DB: roi or raw).")
@@ -150,7 +153,8 @@ def build_encoder(init: str, img_size: int, pool: str):
         model.fc_norm.bias[...] = np.asarray(params["fc_norm"]["bias"], np.float32)
     graphdef, state = nnx.split(model)
     in_chans = config.in_chans
-    features = jax.jit(lambda s, images: nnx.merge(graphdef, s).forward_features(
+    method = "block_average_features" if pool == "blocks" else "forward_features"
+    features = jax.jit(lambda s, images: getattr(nnx.merge(graphdef, s), method)(
         vit.normalize_images(images, in_chans)))
     return (lambda images: np.asarray(features(state, images))), config, pool
 

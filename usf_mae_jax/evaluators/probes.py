@@ -13,7 +13,9 @@ its rows), then two closed-form probes are fitted on the host:
     smallest class index, as scikit-learn's uniform KNeighborsClassifier decides it.
 
 Each reports accuracy and macro-F1 on the scoring split. The feature is the mean of the patch tokens after the
-encoder's final `norm` (`pool="mean"`) or the cls token (`pool="cls"`, the reference linear-probe feature).
+encoder's final `norm` (`pool="mean"`), the cls token (`pool="cls"`, the reference linear-probe feature), or
+every block's mean patch token averaged over the blocks, before the final norm (`pool="blocks"`): on real
+ultrasound the MAE's intermediate blocks probe clearly better than its last one (docs/real_data.md).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from usf_mae_jax.models import vit
 
 log = logging.getLogger(__name__)
 
-POOLS = ("mean", "cls")
+POOLS = ("mean", "cls", "blocks")
 
 
 def ridge_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int,
@@ -124,11 +126,14 @@ class ProbeEvaluator:
         self.sets = load_probe_sets(evals_cfg)
         self.batch = downstream.eval_batch_size(int(evals_cfg.batch_size), mesh)
         self.pool = ThreadPoolExecutor(2)
-        cls_pool, in_chans = evals_cfg.pool == "cls", model_config.in_chans
+        pool, in_chans = evals_cfg.pool, model_config.in_chans
 
         def features(params, images):
-            tokens = nnx.merge(graphdef, params).encode(vit.normalize_images(images, in_chans))
-            return tokens[:, 0] if cls_pool else jnp.mean(tokens[:, 1:], axis=1)
+            model, normalized = nnx.merge(graphdef, params), vit.normalize_images(images, in_chans)
+            if pool == "blocks":
+                return model.encode_block_average(normalized)
+            tokens = model.encode(normalized)
+            return tokens[:, 0] if pool == "cls" else jnp.mean(tokens[:, 1:], axis=1)
 
         self._features = jax.jit(features, out_shardings=sharding.replicated(mesh))
 

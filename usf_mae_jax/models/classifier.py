@@ -76,18 +76,26 @@ class ViTClassifier(vit.ViTEncoderBase):
                                bias_init=nnx.initializers.zeros_init(), dtype=dtype,
                                param_dtype=jnp.float32, rngs=rngs)
 
-    def forward_features(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        """(N, D) float32 features: pooled patch tokens after `fc_norm`, or the cls token after `norm`."""
+    def _input_tokens(self, images: jax.Array) -> jax.Array:
+        """The cls token and the patch tokens, with their positions: the first block's input."""
         self._check_images(images)
         dtype = self.config.compute_dtype
         table = self.pos_embed[...].astype(dtype)
         tokens = self.patch_embed(images) + table[1:]
         cls = jnp.broadcast_to((self.cls_token[...][0] + self.pos_embed[...][:1]).astype(dtype),
                                (tokens.shape[0], 1, tokens.shape[-1]))
-        x = self.run_blocks(self.encoder_blocks(), jnp.concatenate([cls, tokens], axis=1), rng)
+        return jnp.concatenate([cls, tokens], axis=1)
+
+    def forward_features(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """(N, D) float32 features: pooled patch tokens after `fc_norm`, or the cls token after `norm`."""
+        x = self.run_blocks(self.encoder_blocks(), self._input_tokens(images), rng)
         if self.global_pool:
             return self.fc_norm(x[:, 1:].mean(axis=1)).astype(jnp.float32)
         return self.norm(x)[:, 0].astype(jnp.float32)
+
+    def block_average_features(self, images: jax.Array) -> jax.Array:
+        """(N, D): every block's mean patch token averaged over the blocks (vit `block_average`), no head."""
+        return self.block_average(self._input_tokens(images))
 
     def __call__(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """(N, num_classes) float32 logits; `rng` enables drop path (training), None disables it."""

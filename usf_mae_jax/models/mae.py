@@ -246,3 +246,8 @@ class MaskedAutoencoder(vit.ViTEncoderBase):
         patches = vit.patchify(images, self.config.patch_size)
         x = self.run_blocks(self.encoder_blocks(), self._with_cls(self._patch_tokens(patches)))
         return self.norm(x).astype(jnp.float32)
+
+    def encode_block_average(self, images: jax.Array) -> jax.Array:
+        """(N, D): every block's mean patch token, unmasked, averaged over the blocks (`block_average`)."""
+        self._check_images(images)
+        return self.block_average(self._with_cls(self._patch_tokens(vit.patchify(images, self.config.patch_size))))

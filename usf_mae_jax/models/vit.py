@@ -348,3 +348,16 @@ class ViTEncoderBase(nnx.Module):
         for block, key in zip(blocks, keys):
             x = block(x, key)
         return x
+
+    def block_average(self, x: jax.Array) -> jax.Array:
+        """(N, D) float32: the mean patch token (cls excluded) of every block's output, averaged over the blocks.
+
+        A probe feature for MAE encoders, whose last block specialises in reconstructing pixels: on real
+        ultrasound its intermediate blocks probe better than the final, normed tokens (docs/real_data.md).
+        `x` is the token sequence entering the first block, cls first.
+        """
+        total = jnp.zeros((x.shape[0], x.shape[-1]), jnp.float32)
+        for block in self.encoder_blocks():
+            x = block(x)
+            total = total + x[:, 1:].mean(axis=1).astype(jnp.float32)
+        return total / max(self.config.depth, 1)

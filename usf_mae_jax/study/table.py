@@ -13,7 +13,8 @@ preset argument, so the table and a user's own runs share their recipe. Rows (RO
     from `--init`, with the init's architecture in both (trainers/crossval.py sweeps; a finished run is kept);
   * `linear_probe` (classification): configs/finetune.py's `mode=linear` on the frozen pretrained encoder;
   * `ridge_probe` (classification): the closed-form ridge probe of evaluators/probes.py on the pretrained
-    encoder's mean-pooled features, its L2 strength chosen on the validation split (RIDGE_GRID);
+    encoder's features (`--probe_pool`: `blocks`, every block's mean patch token averaged, by default; `mean`,
+    `cls`), its L2 strength chosen on the validation split (RIDGE_GRID);
   * `pixels_logreg`, `small_cnn`, `small_unet`, `otsu`: study/baselines.py, the models a user would pick
     instead, with the same `label_fraction`, seed, image size, epochs and batch size as the ViT rows.
 
@@ -62,6 +63,7 @@ class Settings:
     low_epochs: float
     img_size: int
     batch_size: int
+    probe_pool: str = "blocks"
 
     def epochs_for(self, budget: float) -> float:
         return self.epochs if budget >= 1.0 else self.low_epochs
@@ -162,7 +164,7 @@ def run_ridge(settings: Settings, budget: float, out: str) -> list[dict]:
 
 
 def ridge_probe(settings: Settings, fold: Any, seed: int, budget: float) -> dict[str, Any]:
-    """Mean-pooled features of the pretrained encoder; L2 chosen by validation macro-F1; scored on test once."""
+    """Features of the pretrained encoder (`probe_pool`); L2 chosen by validation macro-F1; scored on test once."""
     from usf_mae_jax import embed
     from usf_mae_jax.data import augment, downstream
     from usf_mae_jax.evaluators import metrics, probes
@@ -170,7 +172,7 @@ def ridge_probe(settings: Settings, fold: Any, seed: int, budget: float) -> dict
     config = load_task_config(settings.config)
     data = downstream.load_benchmark(settings.data_dir, config.dataset, fold, config.get("subset"))
     train = downstream.label_subset(data.splits["train"], budget, seed)
-    encode, model_config, _ = embed.build_encoder(settings.init, settings.img_size, "mean")
+    encode, model_config, _ = embed.build_encoder(settings.init, settings.img_size, settings.probe_pool)
     resize = augment.make_augment("eval", model_config.img_size)
 
     def features(split: downstream.SplitData) -> np.ndarray:
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rows", default="", help="comma-separated rows (default: all of the task's kind)")
+    parser.add_argument("--probe_pool", default="blocks", choices=("blocks", "mean", "cls"),
+                        help="the ridge probe's feature (usf_mae_jax/embed.py's pools)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--budgets must be comma-separated fractions, got {args.budgets!r}") from None
         settings = Settings(args.config, args.data_dir, args.init, tuple(parse_int_list(args.folds, "folds")),
                             tuple(parse_int_list(args.seeds, "seeds")), budgets, args.epochs, args.low_epochs,
-                            args.img_size, args.batch_size)
+                            args.img_size, args.batch_size, args.probe_pool)
         run_table(settings, args.out, [r.strip() for r in args.rows.split(",") if r.strip()])
         print(merged_markdown([args.out]))
         return 0
