@@ -203,6 +203,7 @@ def test_export_of_a_pretraining_workdir_loads_into_a_timm_layout_vit(tmp_path, 
     exported_2, _ = torch_pickle.read_safetensors(str(older))
     np.testing.assert_array_equal(exported_2["decoder_pred.weight"], step2["decoder_pred"]["kernel"].T)
     capsys.readouterr()
-    assert cli.main(["export", "--checkpoint", workdir, "--out", str(tmp_path / "s3.safetensors"), "--step", "3"]) == 2
+    # The 4-step runlocal run checkpoints every step (a tenth of it, rounded up) and keeps 3: steps 2, 3, 4.
+    assert cli.main(["export", "--checkpoint", workdir, "--out", str(tmp_path / "s1.safetensors"), "--step", "1"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
-        f"python -m usf_mae_jax.interop export: {workdir} has no checkpoint of step 3; it has steps [2, 4]")
+        f"python -m usf_mae_jax.interop export: {workdir} has no checkpoint of step 1; it has steps [2, 3, 4]")

@@ -1,19 +1,22 @@
 """Command line for checkpoint interop.
 
-    python -m usf_mae_jax.interop [--verbose] import --checkpoint X.pth --out DIR [--heads H]
+    python -m usf_mae_jax.interop [--verbose] import --checkpoint X.pth_or_HF_DIR --out DIR [--heads H]
         [--allow_unexpected]
     python -m usf_mae_jax.interop [--verbose] export --checkpoint WORKDIR_or_DIR_or_X.pth --out Y.safetensors
-        [--format mae|timm_vit] [--step N] [--heads H] [--overwrite]
+        [--format mae|timm_vit|hf_vitmae] [--step N] [--heads H] [--overwrite]
 
 `import` writes an Orbax checkpoint directory that `init` accepts (`torch_mae.load_pretrained`):
     DIR/params                  ocp.StandardCheckpointer save of the nested params dict
     DIR/model_config.json       dataclasses.asdict(ModelConfig)
     DIR/conversion_report.json  the key report (used / missing / unexpected / verified / ignored)
+Its source is a `.pth`/`.pt`/`.safetensors` file or a Hugging Face ViTMAE directory (`hf_vitmae.py`).
 `export` writes torch state-dict keys (reference MAE or timm ViT) as safetensors, with the model config in the
-file's metadata. Its source is a pretraining or fine-tuning workdir (read-only: its newest checkpoint, or
-`--step N`; the best state when the run selected one), an import directory or a `.pth`. The file is written
-through a temporary file renamed at the end; it refuses to replace an existing file unless `--overwrite`.
-Both print the key report and the time taken.
+file's metadata, or, with `--format hf_vitmae`, a folder that transformers' `ViTMAEForPreTraining` /
+`ViTMAEModel.from_pretrained` loads (config.json with the workdir's mask ratio, model.safetensors,
+preprocessor_config.json). Its source is a pretraining or fine-tuning workdir (read-only: its newest
+checkpoint, or `--step N`; the best state when the run selected one), an import directory, a ViTMAE directory
+or a `.pth`. The file or folder is written under a temporary name renamed at the end; an existing one is
+replaced only with `--overwrite`. Both print the key report and the time taken.
 
 Both run under `usf_mae_jax.cli.run_cli`: an unsafe or unrecognised checkpoint, a missing file, an existing
 output or a full disk prints one line, `python -m usf_mae_jax.interop <command>: <message>`, and exits
@@ -34,9 +37,10 @@ import zipfile
 import numpy as np
 
 from usf_mae_jax.cli import CheckpointError, ConfigError, MissingInputError, UserError, run_cli, verbose_requested
-from usf_mae_jax.interop import torch_mae, torch_pickle
+from usf_mae_jax.interop import hf_vitmae, torch_mae, torch_pickle
 
 PROG = "python -m usf_mae_jax.interop"
+FORMATS = (*torch_mae.EXPORT_FORMATS, "hf_vitmae")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -58,7 +62,9 @@ def _load_workdir(workdir: str, step: int | None) -> tuple[dict, torch_mae.Model
                               "trained on instead")
     known = {f.name for f in dataclasses.fields(torch_mae.ModelConfig)}
     config = torch_mae.ModelConfig(**{k: v for k, v in fields.items() if k in known})
-    return params, config, {"source": os.path.abspath(workdir)}
+    with open(os.path.join(workdir, "config.json")) as f:  # load_params found the model fields there
+        mask_ratio = json.load(f).get("model", {}).get("mask_ratio", hf_vitmae.DEFAULT_MASK_RATIO)
+    return params, config, {"source": os.path.abspath(workdir), "mask_ratio": float(mask_ratio)}
 
 
 def _load(checkpoint: str, step: int | None = None, **kwargs) -> tuple[dict, torch_mae.ModelConfig, dict]:
@@ -74,6 +80,8 @@ def _load(checkpoint: str, step: int | None = None, **kwargs) -> tuple[dict, tor
         return _load_workdir(checkpoint, step)
     if step is not None:
         raise ConfigError(f"--step applies to a training workdir; {checkpoint} is not one")
+    if os.path.isdir(checkpoint) and hf_vitmae.is_hf_dir(checkpoint):
+        return hf_vitmae.load_hf_dir(checkpoint, **kwargs)
     try:
         return torch_mae.load_pretrained(checkpoint, **kwargs)
     except UserError:
@@ -109,12 +117,18 @@ def import_checkpoint(checkpoint: str, out: str, heads: int | None = None,
 
 def export_checkpoint(checkpoint: str, out: str, fmt: str = "mae", heads: int | None = None,
                       overwrite: bool = False, step: int | None = None) -> dict[str, np.ndarray]:
-    """Writes the torch keys of an import directory (or a .pth) as safetensors; returns the tensors.
+    """Writes the torch keys of a checkpoint as safetensors (or a ViTMAE folder); returns the tensors.
 
     `heads` only matters for a .pth source: it is recorded in the file's metadata. An existing `out` is
     replaced only with `overwrite`; the file is written under a temporary name and renamed when complete, so
     a failed write (a full disk) never leaves a truncated file under the final name.
     """
+    if fmt == "hf_vitmae":
+        if os.path.lexists(out) and not overwrite:  # before reading a large checkpoint
+            raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+        params, config, report = _load(checkpoint, step, heads=heads)
+        return hf_vitmae.export_hf_dir(params, config, out, report.get("mask_ratio", hf_vitmae.DEFAULT_MASK_RATIO),
+                                       overwrite, os.path.abspath(checkpoint))
     if os.path.isdir(out):
         raise ConfigError(f"--out {out} is a folder; name the .safetensors file to write")
     if os.path.lexists(out) and not overwrite:
@@ -140,20 +154,23 @@ def _parse_and_run(argv: list[str]) -> int:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the full traceback of an error instead of its one-line message")
     commands = parser.add_subparsers(dest="command", required=True)
-    importer = commands.add_parser("import", help="torch .pth/.pt/.safetensors -> Orbax import directory")
+    importer = commands.add_parser("import", help="torch .pth/.pt/.safetensors or a Hugging Face ViTMAE "
+                                   "directory -> Orbax import directory")
     importer.add_argument("--checkpoint", required=True)
     importer.add_argument("--out", required=True)
     importer.add_argument("--heads", type=int, default=None,
                           help="encoder heads; default: from the size preset with the same width")
     importer.add_argument("--allow_unexpected", action="store_true",
                           help="ignore checkpoint keys the conversion does not understand")
-    exporter = commands.add_parser("export", help="workdir, import directory or .pth -> .safetensors torch keys")
+    exporter = commands.add_parser("export", help="workdir, import directory or .pth -> .safetensors torch keys "
+                                   "or a Hugging Face ViTMAE directory")
     exporter.add_argument("--checkpoint", required=True)
     exporter.add_argument("--out", required=True)
-    exporter.add_argument("--format", choices=torch_mae.EXPORT_FORMATS, default="mae")
+    exporter.add_argument("--format", choices=FORMATS, default="mae",
+                          help="mae | timm_vit: a .safetensors file; hf_vitmae: a folder for transformers")
     exporter.add_argument("--heads", type=int, default=None, help="encoder heads of a .pth source")
     exporter.add_argument("--step", type=int, default=None, help="the checkpoint step of a workdir (default: newest)")
-    exporter.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    exporter.add_argument("--overwrite", action="store_true", help="replace an existing --out file or export folder")
     for sub in (importer, exporter):
         sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="show the full traceback of an error")
@@ -163,6 +180,8 @@ def _parse_and_run(argv: list[str]) -> int:
     if args.command == "import":
         report = import_checkpoint(args.checkpoint, args.out, args.heads, args.allow_unexpected)
         print(torch_mae.format_report(report))
+        for note in report.get("notes", []):
+            print(f"note: {note}")
         print(f"wrote {os.path.abspath(args.out)} in {time.perf_counter() - start:.2f} s")
     else:
         tensors = export_checkpoint(args.checkpoint, args.out, args.format, args.heads, args.overwrite, args.step)

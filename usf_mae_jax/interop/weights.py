@@ -6,7 +6,9 @@
     selected by a metric, else its newest state);
   * a PyTorch `.pth`/`.pt` file (read by the refusing unpickler) or a `.safetensors` file;
   * an interop import directory (`python -m usf_mae_jax.interop import`);
-  * any further format registered with `register_reader` (e.g. a Hugging Face model directory).
+  * a Hugging Face `transformers` ViTMAE directory (`interop/hf_vitmae.py`: config.json with model.safetensors
+    or pytorch_model.bin), registered first at the bottom of this file;
+  * any further format registered with `register_reader`.
 
 Each reader is a pair of functions: `accepts(path) -> bool`, a cheap look at names on disk, and
 `read(path) -> (params, model fields)`. The first reader that accepts the path reads it, so a more specific
@@ -89,3 +91,20 @@ def _read_torch(path: str) -> tuple[dict, dict]:
 
 register_reader(WeightReader("PyTorch .pth/.pt/.safetensors file", _is_torch_file, _read_torch))
 register_reader(WeightReader("interop import directory", _is_import_dir, _read_torch))
+
+
+def _is_hf_dir(path: str) -> bool:
+    from usf_mae_jax.interop import hf_vitmae  # local, as _read_torch
+
+    return os.path.isdir(path) and hf_vitmae.is_hf_dir(path)
+
+
+def _read_hf(path: str) -> tuple[dict, dict]:
+    from usf_mae_jax.interop import hf_vitmae
+
+    params, model_config, _ = hf_vitmae.load_hf_dir(path)
+    return params, dataclasses.asdict(model_config)
+
+
+# Ahead of the built-in readers, as a folder layout should be (register_reader).
+register_reader(WeightReader("Hugging Face ViTMAE directory", _is_hf_dir, _read_hf), first=True)

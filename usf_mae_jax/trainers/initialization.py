@@ -20,7 +20,7 @@ from typing import Any
 from usf_mae_jax.cli import CheckpointError, ConfigError
 from usf_mae_jax.core import checkpoint, files
 from usf_mae_jax.data import folders
-from usf_mae_jax.interop import weights
+from usf_mae_jax.interop import hf_vitmae, weights
 from usf_mae_jax.models import vit
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ def _manifest_summary(path: str) -> dict:
 def init_provenance(path: str | None) -> dict:
     """Where the init came from, with the pretraining data manifests when the init is a pretraining workdir.
 
-    A `.pth` or an import directory records its hash (and the import's conversion report); the pretraining
-    data of a released checkpoint is not recorded in the file, so `pretraining_manifests` is empty there.
+    A `.pth` or a Hugging Face ViTMAE directory records its files' hashes, an import directory its conversion
+    report; the pretraining data of a released checkpoint is not recorded in the file, so
+    `pretraining_manifests` is empty there.
     """
     if not path:
         return {"init": None, "kind": "random", "pretraining_manifests": []}
@@ -74,6 +75,11 @@ def init_provenance(path: str | None) -> dict:
         nested = os.path.join(path, "provenance.json")  # a fine-tuned workdir carries its init's provenance
         if os.path.isfile(nested):
             record["init_provenance"] = files.read_json(nested)
+        return record
+    if hf_vitmae.is_hf_dir(path):
+        record["kind"] = "hf_vitmae_dir"
+        record["files"] = {name: files.file_sha256(os.path.join(path, name)) for name in sorted(os.listdir(path))
+                           if os.path.isfile(os.path.join(path, name))}
         return record
     record["kind"] = "import_dir"
     report = os.path.join(path, "conversion_report.json")
