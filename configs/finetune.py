@@ -4,13 +4,15 @@
         --config.input.data_dir=OUT [--config.init=PATH]
 
 Preset arguments:
-  dataset   busbra | mmotu | gist514 | labelled (also the bare first word, e.g. `:busbra`); the converted
-            benchmark lives under `input.data_dir` (the `--out_dir` of `python -m data_prep DATASET`).
+  dataset   busbra | mmotu | gist514 | busi | labelled (also the bare first word, e.g. `:busbra`); the
+            converted benchmark lives under `input.data_dir` (the `--out_dir` of `python -m data_prep DATASET`).
   mode      full (task `finetune`: every weight trains) | linear (task `linear_probe`: frozen encoder,
             cached features, BN + Linear head).
-  fold      the official round (BUS-BRA 1..5, GIST514-DB 0..4, MMOTU-2D / labelled 0); -1 = the benchmark's
-            default (the single fixed split of docs/usf_mae_recipe.md: BUS-BRA fold 1, GIST514-DB split 0).
-  subset    GIST514-DB's frames: roi (lesion crops, the default) or raw (full frames).
+  fold      the official round (BUS-BRA 1..5, GIST514-DB 0..4, MMOTU-2D / labelled 0; BUSI 1..K, its
+            converter's image-level folds); -1 = the benchmark's default (the single fixed split of
+            docs/usf_mae_recipe.md: BUS-BRA fold 1, GIST514-DB split 0; BUSI fold 1).
+  subset    GIST514-DB's frames: roi (lesion crops, the default) or raw (full frames). BUSI's classes:
+            three_class (benign, malignant, normal; the default) or benign_malignant (normal left out).
   variant   the model size (mu|tiny|small|base|large|huge) when the init does not fix it (random init).
   img_size  input resolution; any multiple of the patch size works with any init (the position table is
             resized bicubically when the init used another size).
@@ -34,15 +36,17 @@ from ml_collections import config_dict
 
 from configs import common
 
-DATASETS = ("busbra", "mmotu", "gist514", "labelled")
+DATASETS = ("busbra", "mmotu", "gist514", "busi", "labelled")
 MODES = {"full": "finetune", "linear": "linear_probe"}
 PRESETS = {
     "busbra": "BUS-BRA, benign vs malignant breast lesions (default; fold 1..5)",
     "mmotu": "MMOTU-2D, 8 ovarian tumour classes",
     "gist514": "GIST514-DB, GIST vs leiomyoma (fold 0..4, subset=roi|raw)",
+    "busi": "BUSI, benign / malignant / normal (fold 1..5; subset=benign_malignant leaves normal out)",
     "labelled": "your own labelled set from `python -m data_prep labelled`",
 }
-ARGUMENTS = "mode=full|linear, fold=K, subset=roi|raw, variant=SIZE, img_size=N, epochs=N, runlocal"
+ARGUMENTS = ("mode=full|linear, fold=K, subset=roi|raw|three_class|benign_malignant, variant=SIZE, img_size=N, "
+             "epochs=N, runlocal")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -61,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.preset = dataset
     c.dataset = dataset
     c.fold = config_dict.placeholder(int)  # None: the benchmark's default round
-    c.subset = config_dict.placeholder(str)  # GIST514-DB roi | raw; None: the benchmark's default
+    c.subset = config_dict.placeholder(str)  # GIST514-DB roi | raw, BUSI three_class | benign_malignant; None: default
     c.seed = 0
     c.init = config_dict.placeholder(str)  # None: random init (warned); else workdir | import dir | .pth
     c.update(common.duration_fields())

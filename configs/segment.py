@@ -4,12 +4,16 @@
         --config.input.data_dir=OUT [--config.init=PATH]
 
 Preset arguments:
-  dataset   busbra | mmotu | gist514 | labelled (also the bare first word, e.g. `:mmotu`); a conversion with
-            masks (converter 1.1.0+, `python -m data_prep DATASET ...`) under `input.data_dir`.
+  dataset   busbra | mmotu | gist514 | busi | labelled (also the bare first word, e.g. `:mmotu`); a conversion
+            with masks (converter 1.1.0+, `python -m data_prep DATASET ...`) under `input.data_dir`.
   classes   binary (default: every foreground class is "foreground"; BUS-BRA is binary anyway) | all (one
             class per mask class: MMOTU-2D's 8 tumour types, GIST514-DB's lmym / GIST).
-  fold      the official round (BUS-BRA 1..5, GIST514-DB 0..4, MMOTU-2D / labelled 0); -1 = the default.
-  subset    GIST514-DB's frames: roi (lesion crops, the default) or raw (full frames).
+  fold      the official round (BUS-BRA 1..5, GIST514-DB 0..4, MMOTU-2D / labelled 0; BUSI 1..K, its
+            converter's image-level folds); -1 = the default.
+  subset    GIST514-DB's frames: roi (lesion crops, the default) or raw (full frames). BUSI: benign_malignant
+            (the default here: the images with a lesion, as lesion segmentation is usually reported) or
+            three_class (normal images too, with their all-background masks: they score only through false
+            positives, docs/segmentation.md).
   head      upernet (the MAE paper's protocol, default) | linear (1x1 projection of the last block's tokens).
   variant   the model size (mu|tiny|small|base|large|huge) when the init does not fix it (random init).
   img_size  input resolution; any multiple of the patch size works with any init (the position table is
@@ -35,17 +39,19 @@ from ml_collections import config_dict
 
 from configs import common
 
-DATASETS = ("busbra", "mmotu", "gist514", "labelled")
+DATASETS = ("busbra", "mmotu", "gist514", "busi", "labelled")
+DEFAULT_SUBSETS = {"busi": "benign_malignant"}  # where segmentation's default differs from the benchmark's
 CLASSES = ("binary", "all")
 HEADS = ("upernet", "linear")
 PRESETS = {
     "busbra": "BUS-BRA lesion masks (default; fold 1..5)",
     "mmotu": "MMOTU-2D tumour masks (classes=binary, or all: 8 tumour types)",
     "gist514": "GIST514-DB lesion polygons (fold 0..4, subset=roi|raw; classes=all: lmym / GIST)",
+    "busi": "BUSI lesion masks (fold 1..5; benign and malignant images, subset=three_class adds normal)",
     "labelled": "your own masks from `python -m data_prep labelled --masks DIR`",
 }
-ARGUMENTS = ("classes=binary|all, fold=K, subset=roi|raw, head=upernet|linear, variant=SIZE, img_size=N, "
-             "epochs=N, runlocal")
+ARGUMENTS = ("classes=binary|all, fold=K, subset=roi|raw|three_class|benign_malignant, head=upernet|linear, "
+             "variant=SIZE, img_size=N, epochs=N, runlocal")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -66,7 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset = dataset
     c.classes = args.classes
     c.fold = config_dict.placeholder(int)  # None: the benchmark's default round
-    c.subset = config_dict.placeholder(str)  # GIST514-DB roi | raw; None: the benchmark's default
+    c.subset = config_dict.placeholder(str)  # GIST514-DB roi | raw, BUSI three_class | benign_malignant
+    if dataset in DEFAULT_SUBSETS:
+        c.subset = DEFAULT_SUBSETS[dataset]
     c.seed = 0
     c.init = config_dict.placeholder(str)  # None: random init (warned); else workdir | import dir | .pth
     # Label budget: the share of the training split's images (with their masks) used, drawn per image class with

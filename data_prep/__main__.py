@@ -29,6 +29,7 @@ COMMANDS = {
     "busbra": ("data_prep.benchmarks.cli", "busbra", "BUS-BRA benchmark (breast, benign/malignant)"),
     "mmotu": ("data_prep.benchmarks.cli", "mmotu", "MMOTU-2D benchmark (ovarian tumours, 8 classes)"),
     "gist514": ("data_prep.benchmarks.cli", "gist514", "GIST514-DB benchmark (GIST vs leiomyoma)"),
+    "busi": ("data_prep.benchmarks.cli", "busi", "BUSI benchmark (breast, benign/malignant/normal, k-fold)"),
     "labelled": ("data_prep.benchmarks.cli", "labelled", "a folder or CSV of labelled images"),
     "mock": ("data_prep.benchmarks.mock_cli", None, "a synthetic BUS-BRA-layout benchmark with cue-controlled lesions"),
 }

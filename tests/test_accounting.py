@@ -191,3 +191,29 @@ def test_labelled_csv(tmp_path):
                                    {"file": "data/dangling.png", "reason": "listed, but a broken symlink"}]
     assert manifest["not_converted"] == {"metadata": ["set.csv"]}
     assert f"data/0.png is listed twice in {tmp_path / 'set.csv'}; the first row is used" in manifest["warnings"]
+
+
+def test_busi_benchmark(tmp_path):
+    base = Path(mock.write_busi_tree(str(tmp_path / "raw"), per_class=(5, 3, 2), size=12, seed=0))
+    files = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+    (base / "benign" / "notes.txt").write_text("about benign")
+    write_image(base / "normal" / "normal (9)_mask.png", 0)  # a mask without its image
+    write_image(base / "benign" / "benign (2).tif", 90)  # a second image of that name
+    (base / "README.txt").write_text("about the data")
+    add_symlink_faults(base, tmp_path / "outside")
+    manifests = convert("busi", str(base), str(tmp_path / "out"), subset="both")
+    masks = [f for f in files if "_mask" in f]
+    for subset, converted, normal in (("three_class", 7, 0), ("benign_malignant", 5, 2)):
+        manifest = manifests[subset]
+        # 3 duplicates, the note, the orphan mask, the second image, and in benign_malignant the normal images.
+        assert check_counts(manifest) == {"inputs": len(files) + 8, "converted": converted, "skipped": 6 + normal,
+                                          "not_converted": len(masks) + 5}
+        reasons = {s["file"]: s["reason"] for s in manifest["skipped"]}
+        assert reasons["normal/normal (9)_mask.png"] == "a mask without its image (no normal (9).png in normal/)"
+        assert reasons["benign/benign (2).tif"] == ("a second image named benign (2) (the first, benign (2).png, "
+                                                    "is used)")
+        assert reasons["benign/notes.txt"] == "not an image file"
+        assert manifest["not_converted"] == {
+            "broken_symlink": ["dangling.png"], "mask": masks, "not_an_input": ["README.txt",
+                                                                               "from_elsewhere/linked.png"],
+            "symlink_loop": ["loop_a.png", "loop_b.png"]}

@@ -188,6 +188,24 @@ def test_labelled_without_decodable_image_leaves_nothing(tmp_path, capsys):
         f"python -m data_prep labelled: {src} lists no images. Expected layout:; either  SRC/<class name>/")
 
 
+def test_a_mask_of_another_size_is_a_summary_line_not_an_error(tmp_path, capsys):
+    from data_prep.benchmarks import mock
+
+    base = mock.write_mmotu_tree(str(tmp_path / "raw"), count=12, size=32, seed=0)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(Path(base) / "annotations" / "3_binary.PNG")
+    command = ["mmotu", "--raw_dir", base, "--out_dir", str(tmp_path / "out")]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "mmotu: converted, 12 records" in printed
+    assert ("  masks dropped: 1, their images kept without a mask (in classification, not in segmentation): "
+            "annotations/3_binary.PNG (size 16x16 differs from the image's 32x32 (height x width))") in printed
+    assert main([*command, "--resize_mismatched_masks"]) == 2  # the folder was made without it
+    assert "pass --overwrite to convert it again" in one_error_line(capsys.readouterr().err)
+    assert main([*command, "--resize_mismatched_masks", "--overwrite"]) == 0
+    assert ("  masks resized to their images (nearest neighbour): 1: annotations/3_binary.PNG 16x16 -> 32x32"
+            in capsys.readouterr().out)
+
+
 def test_full_disk_in_a_benchmark_leaves_no_readable_output(tmp_path, monkeypatch, capsys):
     from data_prep.benchmarks import builder, mock
 

@@ -25,7 +25,7 @@ from helpers import converted_busbra, set_fields
 
 from configs import pretrain as pretrain_config
 from configs import segment as segment_config
-from data_prep.benchmarks import convert, load_split, mock
+from data_prep.benchmarks import builder, convert, load_split, mock
 from usf_mae_jax.core import checkpoint
 from usf_mae_jax.data import segmentation as segdata
 from usf_mae_jax.evaluators import seg_baseline
@@ -149,7 +149,7 @@ def test_gist514_and_labelled_sets_load_for_segmentation(tmp_path):
     for label, mask in zip(data.splits["test"].labels, data.splits["test"].masks):
         assert set(np.unique(mask)) == {0, label + 1}
     convert("busbra", mock.write_busbra_tree(str(tmp_path / "b"), patients=10, size=16), str(tmp_path / "old"))
-    splits = os.path.join(str(tmp_path / "old"), "busbra", "1.1.0", "splits.json")
+    splits = os.path.join(str(tmp_path / "old"), "busbra", builder.CONVERTER_VERSION, "splits.json")
     with open(splits) as f:
         payload = json.load(f)
     payload["mask_class_names"] = None  # as a conversion made before masks were kept

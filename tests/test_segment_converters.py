@@ -2,7 +2,9 @@
 
 Mock trees in the real layouts (data_prep.benchmarks.mock) whose masks are the true synthetic lesions, plus
 hand-made files for the edge cases: a palette PNG, a thresholded mask, a colour that belongs to another class,
-a mask of the wrong size, polygons rasterised by the pixel-centre rule.
+polygons rasterised by the pixel-centre rule, and the real releases' unusable masks (a mask of another size, as
+MMOTU-2D's 256x256 `598_binary.PNG`; an unreadable header; a file that fails only when decoded; a declared COCO
+size that differs), which are dropped and named, or resized on request, and never abort a conversion.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.benchmarks import convert, load_split, manifest, mask_class_names, mock
+from data_prep.benchmarks import Busbra, Mmotu, cli, convert, load_split, manifest, mask_class_names, mock
 from data_prep.benchmarks.masks import rasterise
-from usf_mae_jax.cli import DataError
+from usf_mae_jax.cli import ConfigError
+from usf_mae_jax.data import segmentation as segdata
 from usf_mae_jax.data import synthetic
 
 
@@ -76,14 +79,47 @@ def test_capped_images_keep_aligned_nearest_masks(busbra, tmp_path):
         assert set(np.unique(item["mask"])) <= {0, 1}
 
 
-def test_mask_of_another_size_is_an_error_naming_both_files(busbra, tmp_path):
+def test_unusable_busbra_masks_are_dropped_named_and_never_abort(tmp_path, caplog):
     raw = tmp_path / "raw"
     base = mock.write_busbra_tree(str(raw), patients=10, size=24, seed=0)
-    name = sorted(os.listdir(os.path.join(base, "Masks")))[0]
-    cv2.imwrite(os.path.join(base, "Masks", name), np.zeros((20, 24), np.uint8))
-    with pytest.raises(DataError, match=rf"mask Masks/{name} is 20x24 but its image Images/bus_{name[5:]} is 24x24"):
-        convert("busbra", str(raw), str(tmp_path / "out"))
-    assert not os.path.exists(tmp_path / "out" / "busbra" / "1.1.0")  # nothing half-written is left
+    small, garbage, truncated = sorted(os.listdir(os.path.join(base, "Masks")))[:3]
+    cv2.imwrite(os.path.join(base, "Masks", small), np.zeros((20, 24), np.uint8))
+    with open(os.path.join(base, "Masks", garbage), "wb") as f:
+        f.write(b"not a PNG at all")
+    noise = np.random.default_rng(0).integers(0, 2, (24, 24), dtype=np.uint8) * 255
+    png = cv2.imencode(".png", noise)[1]
+    with open(os.path.join(base, "Masks", truncated), "wb") as f:
+        f.write(png.tobytes()[:80])  # the header still reads 24x24; the pixels do not decode
+    # The plan stage finds the mismatch and the unreadable header from the headers, before writing anything.
+    plan = Busbra(raw_dir=str(raw), data_dir=str(tmp_path / "out")).plan
+    assert [(e["mask"], e["image"]) for e in plan.masks_dropped] == [
+        (f"Masks/{small}", f"Images/bus_{small[5:]}"), (f"Masks/{garbage}", f"Images/bus_{garbage[5:]}")]
+    assert not os.path.exists(tmp_path / "out")
+    m = convert("busbra", str(raw), str(tmp_path / "out"))
+    images = sorted(os.listdir(os.path.join(base, "Images")))
+    assert m["records"] == len(images) and m["skipped"] == []  # every image converted
+    dropped = {e["mask"]: e for e in m["masks"]["dropped"]}
+    assert dropped[f"Masks/{small}"] == {"mask": f"Masks/{small}", "image": f"Images/bus_{small[5:]}",
+                                         "reason": "size 20x24 differs from the image's 24x24 (height x width)"}
+    assert dropped[f"Masks/{garbage}"]["reason"].startswith("cannot be read (cannot identify image file")
+    assert dropped[f"Masks/{truncated}"]["reason"].startswith("cannot be read (")  # found while writing
+    assert m["masks"]["records_with_mask"] == len(images) - 3 and m["masks"]["resized"] == []
+    assert m["accounting"]["inputs"] == sum(m["accounting"][k] for k in ("converted", "skipped", "not_converted"))
+    summary = cli._summary(m)
+    assert f"  masks dropped: 3, their images kept without a mask (in classification, not in segmentation): " \
+           f"Masks/{small} (size 20x24 differs" in summary
+    assert f"Masks/{garbage} (cannot be read" in summary and f"Masks/{truncated} (cannot be read" in summary
+    # Classification keeps the three images; segmentation leaves them out and says why.
+    out, ids = str(tmp_path / "out"), {f"Images/bus_{name[5:]}" for name in (small, garbage, truncated)}
+    kept = {i for k in range(1, 6) for i in load_split(out, "busbra", "test", fold=k).ids}
+    assert ids <= kept
+    with caplog.at_level("WARNING"):
+        data = segdata.load_segmentation(out, "busbra", fold=1)
+    left = {i for s in data.splits.values() for i in s.ids}
+    assert not ids & left and len(left) == len(images) - 3
+    assert sum(counts["mask_dropped"] for counts in data.left_out.values()) == 3
+    assert all(counts["no_mask"] == 0 for counts in data.left_out.values())
+    assert "whose mask the converter dropped as unusable" in caplog.text
 
 
 def test_non_binary_and_palette_masks(tmp_path):
@@ -152,6 +188,41 @@ def _shared(mmotu) -> dict:
     return {mock.MMOTU_PALETTE[(label + 1) % 8]: sorted([names[label], names[(label + 1) % 8]])}
 
 
+def test_mmotu_mask_of_another_size_never_aborts_and_can_be_resized(tmp_path):
+    base = mock.write_mmotu_tree(str(tmp_path / "raw"), count=24, size=40, seed=1)
+    path = os.path.join(base, "annotations", "8_binary.PNG")  # image 8 is a test image
+    full = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    small = cv2.resize(full, (16, 16), interpolation=cv2.INTER_NEAREST_EXACT)  # as the release's 598_binary.PNG
+    cv2.imwrite(path, small)
+    assert [e["mask"] for e in Mmotu(raw_dir=base, data_dir=str(tmp_path / "x")).plan.masks_dropped] == [
+        "annotations/8_binary.PNG"]  # known from the headers, before the slow work
+    out = str(tmp_path / "out")
+    m = convert("mmotu", base, out)
+    assert m["records"] == 24 and m["masks"]["dropped"] == [
+        {"mask": "annotations/8_binary.PNG", "image": "images/8.JPG",
+         "reason": "size 16x16 differs from the image's 40x40 (height x width)"}]
+    assert ("  masks dropped: 1, their images kept without a mask (in classification, not in segmentation): "
+            "annotations/8_binary.PNG (size 16x16 differs from the image's 40x40 (height x width))") in cli._summary(m)
+    test = records(out, "mmotu", "test")
+    assert "images/8.JPG" in test and not test["images/8.JPG"]["has_mask"]
+    data = segdata.load_segmentation(out, "mmotu")
+    assert "images/8.JPG" not in data.splits["test"].ids and len(data.splits["test"]) == len(test) - 1
+    assert data.left_out["test"] == {"no_mask": 0, "mask_dropped": 1}
+    with open(os.path.join(data.version_dir, "splits.json")) as f:
+        assert json.load(f)["masks_dropped"] == ["images/8.JPG"]
+    # A user who knows the mask is only scaled resizes it, and the manifest says so for that file.
+    with pytest.raises(ConfigError, match="pass --overwrite"):
+        convert("mmotu", base, out, resize_mismatched_masks=True)
+    m = convert("mmotu", base, out, resize_mismatched_masks=True, overwrite=True)
+    assert m["masks"]["dropped"] == [] and m["masks"]["resized"] == [
+        {"mask": "annotations/8_binary.PNG", "image": "images/8.JPG", "from": "16x16", "to": "40x40"}]
+    assert m["options"]["resize_mismatched_masks"] and "masks resized" in cli._summary(m)
+    item = records(out, "mmotu", "test")["images/8.JPG"]
+    expected = cv2.resize(small, (40, 40), interpolation=cv2.INTER_NEAREST_EXACT) > 0
+    assert item["has_mask"]
+    np.testing.assert_array_equal(item["mask"], expected * np.uint8(item["label"] + 1))
+
+
 # ---------------------------------------------------------------- GIST514-DB
 
 
@@ -187,18 +258,38 @@ def test_gist514_masks_from_polygons_with_categories_by_name(tmp_path):
             assert np.sum((item["mask"] > 0) != truth) <= 2  # the mock's polygons trace the lesion's outline
 
 
-def test_gist514_declared_size_must_match_the_image(tmp_path):
-    base = mock.write_gist514_tree(str(tmp_path), count=10, size=24, seed=0, subset="raw")
+def _declare(base: str, scale: int) -> str:
+    """Scales the first image's declared size and polygons in val_anno_split_0.json; returns its file name."""
     path = os.path.join(base, "annotations", "val_anno_split_0.json")
     with open(path) as f:
         coco = json.load(f)
-    coco["images"][0]["height"] = 30
+    entry = coco["images"][0]
+    entry["height"], entry["width"] = entry["height"] * scale, entry["width"] * scale
+    for ann in coco["annotations"]:
+        if ann["image_id"] == entry["id"]:
+            ann["segmentation"] = [[v * scale for v in polygon] for polygon in ann["segmentation"]]
     with open(path, "w") as f:
         json.dump(coco, f)
-    name = coco["images"][0]["file_name"]
-    with pytest.raises(DataError, match=rf"annotations/val_anno_split_0.json declares images/{name} as 30x24 "
-                                        r"\(height x width\), but the image is 24x24"):
-        convert("gist514", str(tmp_path), str(tmp_path / "out"), subset="raw")
+    return entry["file_name"]
+
+
+def test_gist514_declared_size_that_differs_drops_or_scales_the_polygons(tmp_path):
+    base = mock.write_gist514_tree(str(tmp_path / "raw"), count=10, size=24, seed=0, subset="raw")
+    convert("gist514", str(tmp_path / "raw"), str(tmp_path / "plain"), subset="raw")
+    name = _declare(base, 2)  # annotated on a 48x48 canvas, the image is 24x24
+    m = convert("gist514", str(tmp_path / "raw"), str(tmp_path / "out"), subset="raw")
+    assert m["records"] == 10 and m["masks"]["dropped"] == [
+        {"mask": "annotations/val_anno_split_0.json", "image": f"images/{name}",
+         "reason": "declares the image as 48x48, but it is 24x24 (height x width)"}]
+    item = records(str(tmp_path / "out"), "gist514", fold=0, subset="raw")[f"images/{name}"]
+    assert not item["has_mask"] and not item["mask"].any()
+    m = convert("gist514", str(tmp_path / "raw"), str(tmp_path / "scaled"), subset="raw", resize_mismatched_masks=True)
+    assert m["masks"]["dropped"] == [] and m["masks"]["resized"] == [
+        {"mask": "annotations/val_anno_split_0.json", "image": f"images/{name}", "from": "48x48", "to": "24x24"}]
+    scaled = records(str(tmp_path / "scaled"), "gist514", fold=0, subset="raw")[f"images/{name}"]
+    plain = records(str(tmp_path / "plain"), "gist514", fold=0, subset="raw")[f"images/{name}"]
+    assert scaled["has_mask"] and scaled["mask"].any()
+    np.testing.assert_array_equal(scaled["mask"], plain["mask"])  # halving the doubled polygons restores them
 
 
 # ---------------------------------------------------------------- labelled
@@ -212,25 +303,32 @@ def test_labelled_mask_folder_and_csv_column(tmp_path):
             folder.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(folder / f"{i}.png"), array.astype(np.uint8))
     os.remove(masks_dir / "class1" / "9.png")
+    cv2.imwrite(str(masks_dir / "class0" / "4.png"), np.zeros((8, 8), np.uint8))  # half the image's size
     out = str(tmp_path / "out")
     m = convert("labelled", str(src), out, masks_dir=str(masks_dir))
-    assert m["class_names"] == ["class0", "class1"] and m["masks"]["records_with_mask"] == 9
+    assert m["class_names"] == ["class0", "class1"] and m["masks"]["records_with_mask"] == 8
+    assert m["masks"]["dropped"] == [{"mask": "masks/class0/4.png", "image": "class0/4.png",
+                                      "reason": "size 8x8 differs from the image's 16x16 (height x width)"}]
     items = {i: item for s in ("train", "validation", "test") for i, item in records(out, "labelled", s).items()}
+    assert len(items) == 10
     for record_id, item in items.items():
         index = int(os.path.basename(record_id)[:-4])
         _, truth = synthetic.synthesize_with_mask(16, np.random.default_rng(index), index % 2)
-        np.testing.assert_array_equal(item["mask"], truth if index != 9 else np.zeros_like(truth))
-        assert item["has_mask"] == (index != 9)
-    # A CSV naming multi-class masks: pixel values are the classes; a value beyond them is an error.
+        np.testing.assert_array_equal(item["mask"], truth if index not in (4, 9) else np.zeros_like(truth))
+        assert item["has_mask"] == (index not in (4, 9))
+    # A CSV naming multi-class masks: pixel values are the classes; a value beyond them drops that mask alone.
     multi = np.zeros((16, 16), np.uint8)
     multi[2:5, 2:5], multi[8:12, 8:12] = 1, 2
     cv2.imwrite(str(tmp_path / "m0.png"), multi)
     cv2.imwrite(str(tmp_path / "m1.png"), multi * 2)
     (tmp_path / "set.csv").write_text("path,label,mask\nset/class0/0.png,a,m0.png\nset/class1/1.png,b,m1.png\n"
                                       "set/class0/2.png,a,\n")
-    with pytest.raises(DataError, match=r"mask m1.png holds class value 4, but only 0..2 are named"):
-        convert("labelled", str(tmp_path / "set.csv"), str(tmp_path / "bad"), mask_classes=("cyst", "solid"),
+    m = convert("labelled", str(tmp_path / "set.csv"), str(tmp_path / "bad"), mask_classes=("cyst", "solid"),
                 val_fraction=0.0, test_fraction=0.0)
+    assert m["records"] == 3 and m["masks"]["dropped"] == [
+        {"mask": "m1.png", "image": "set/class1/1.png", "reason": "holds class value 4, but only 0..2 are named"}]
+    bad = records(str(tmp_path / "bad"), "labelled", "train")
+    assert bad["set/class0/0.png"]["has_mask"] and not bad["set/class1/1.png"]["has_mask"]
     cv2.imwrite(str(tmp_path / "m1.png"), multi)
     m = convert("labelled", str(tmp_path / "set.csv"), str(tmp_path / "csv"), mask_classes=("cyst", "solid"),
                 val_fraction=0.0, test_fraction=0.0)

@@ -12,21 +12,32 @@ Since version 1.1.0 a builder with mask class names stores each image's segmenta
 (`mask`: a uint8 class map as PNG, 0 = background; `has_mask`: False for an image whose mask is missing,
 which then carries an all-zero mask), built by `masks.build` at the image's stored size and capped with it
 by nearest-neighbour resizing (docs/segmentation.md). Classification reads the same records and ignores the
-two fields; version 1.0.0 folders stay readable.
+two fields; version 1.0.0 and 1.1.0 folders stay readable.
+
+Since version 1.2.0 a mask that cannot be used never aborts the conversion: the plan stage
+(`common.check_masks`, file headers only) drops masks whose size differs from their image, or, with
+`resize_mismatched_masks`, resizes them by nearest neighbour; a mask that fails only when decoded is dropped
+here. The image is kept with `has_mask` false, and the manifest names every file (`masks.dropped`,
+`masks.resized`); `splits.json` lists the ids whose mask was dropped, so readers can tell them from images
+that never had one.
 
 Output, for `out_dir`:
 
     out_dir/<name>[/<config>]/<version>/
         dataset_info.json, features.json, <name>-<part>.array_record-*   (TFDS)
         splits.json     class names, mask class names (or null), default fold, per fold {train, validation,
-                        test[, train_full]} ids, and per part the ids, labels (and has_mask) in storage order
+                        test[, train_full]} ids, per part the ids, labels (and has_mask) in storage order,
+                        and the ids whose mask was dropped
         manifest.json   counts per split, skipped files with reasons, warnings, source hashes, licence,
-                        converter version, options, and the accounting of every file under the raw root
+                        converter version, options, the masks dropped or resized, converter-specific
+                        sections (`Plan.extra`), and the accounting of every file under the raw root
                         (`common.account`: inputs = converted + skipped + not_converted)
 
-The version folder is finished iff its manifest exists. A plan without any image, or a conversion in which no
-image could be decoded, is a `DataError` before any manifest is written; a failed or interrupted conversion
-(a full disk included) removes the version folder, so no half-written output is ever read as complete.
+The version folder is finished iff its manifest exists; asking for other converter options (BUSI's folds and
+seed, mask resizing) than a finished folder was made with is an error rather than a silent reuse. A plan
+without any image, or a conversion in which no image could be decoded, is a `DataError` before any manifest
+is written; a failed or interrupted conversion (a full disk included) removes the version folder, so no
+half-written output is ever read as complete.
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ from data_prep.benchmarks import common, masks
 from data_prep.writer import file_sha256, writing
 from usf_mae_jax.cli import ConfigError, DataError
 
-CONVERTER_VERSION = "1.1.0"
+CONVERTER_VERSION = "1.2.0"
 DEFAULT_MAX_SIDE = 512  # docs/design.md, "Shards": converters cap the longest side so decoding stays cheap
 
 log = logging.getLogger(__name__)
@@ -61,7 +72,8 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     VERSION = tfds.core.Version(CONVERTER_VERSION)
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Records with the design's field names; official splits in splits.json.",
-        "1.1.0": "Segmentation masks in the image's record (mask, has_mask) for builders with mask classes."}
+        "1.1.0": "Segmentation masks in the image's record (mask, has_mask) for builders with mask classes.",
+        "1.2.0": "Unusable masks are dropped (or resized on request) and listed, never abort the conversion."}
     LICENSE = ""
     CITATION = ""
     HOMEPAGE = ""
@@ -70,13 +82,16 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     CLASS_NAMES: tuple[str, ...] = ()
     MASK_CLASS_NAMES: tuple[str, ...] = ()  # background first; empty: the records carry no mask
 
-    def __init__(self, *, raw_dir: str | None = None, max_side: int | None = DEFAULT_MAX_SIDE, **kwargs):
+    def __init__(self, *, raw_dir: str | None = None, max_side: int | None = DEFAULT_MAX_SIDE,
+                 resize_mismatched_masks: bool = False, **kwargs):
         self.raw_dir = raw_dir
         self.max_side = max_side
+        self.resize_mismatched_masks = resize_mismatched_masks
         self._plan: common.Plan | None = None
         self.failed: list[dict[str, str]] = []
         self.thresholded: list[str] = []  # binary masks that were not exactly two-valued
-        self.without_mask: list[str] = []  # records of a masked dataset whose mask is missing
+        self.without_mask: list[str] = []  # records of a masked dataset whose dataset lacks the mask
+        self.masks_dropped: list[dict[str, str]] = []  # masks that failed while decoding: {mask, image, reason}
         super().__init__(**kwargs)
 
     @abc.abstractmethod
@@ -88,8 +103,15 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
         if self._plan is None:
             if not self.raw_dir:
                 raise ConfigError(f"{self.name}: converting needs raw_dir, the manually downloaded folder")
-            self._plan = self.parse(self.raw_dir)
+            plan = self.parse(self.raw_dir)
+            common.check_masks(plan, self.resize_mismatched_masks)
+            self._plan = plan
         return self._plan
+
+    def conversion_options(self) -> dict:
+        """The options that change what is written, beyond max_side and channels; recorded in the manifest and
+        compared with a finished conversion's. Subclasses with their own options extend it."""
+        return {"resize_mismatched_masks": self.resize_mismatched_masks}
 
     def class_names(self) -> list[str]:
         return list(self.CLASS_NAMES)
@@ -133,6 +155,7 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     def _generate_examples(self, items):
         dataset = self.dataset_name()
         with_masks = bool(self.mask_class_names())
+        dropped_at_plan = {entry["image"] for entry in self.plan.masks_dropped}
         for item in items:
             try:
                 stored = common.decode_image(item.path)
@@ -145,22 +168,34 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
                        "width": image.shape[1], "dataset": dataset, "source": item.source,
                        "subject": item.subject, "frame": -1, "label": item.label}
             if with_masks:
-                example.update(self._mask_fields(item, stored.shape[:2], image.shape[:2]))
+                example.update(self._mask_fields(item, stored.shape[:2], image.shape[:2], dropped_at_plan))
             yield item.source, example
 
-    def _mask_fields(self, item: common.Item, stored_shape: tuple[int, int], shape: tuple[int, int]) -> dict:
-        """`mask` (PNG of the class map at the record's size) and `has_mask`; a size mismatch raises."""
+    def _mask_fields(self, item: common.Item, stored_shape: tuple[int, int], shape: tuple[int, int],
+                     dropped_at_plan: set[str]) -> dict:
+        """`mask` (PNG of the class map at the record's size) and `has_mask`. A mask that cannot be built is
+        dropped and recorded: the image is written without it."""
+        empty = {"mask": io.BytesIO(common.encode_png(np.zeros((*shape, 1), np.uint8))), "has_mask": False}
         if item.mask is None:
-            self.without_mask.append(item.source)
-            return {"mask": io.BytesIO(common.encode_png(np.zeros((*shape, 1), np.uint8))), "has_mask": False}
-        mask, thresholded = masks.build(item.mask, item.source, stored_shape)
-        if thresholded:
-            self.thresholded.append(thresholded)
+            if item.source not in dropped_at_plan:
+                self.without_mask.append(item.source)
+            return empty
+        try:
+            mask, thresholded = masks.build(item.mask, stored_shape)
+        except masks.MaskError as err:
+            self.masks_dropped.append({"mask": err.file, "image": item.source, "reason": err.reason})
+            return empty
+        self.thresholded += thresholded
         mask = common.cap_side(mask[:, :, None], self.max_side, cv2.INTER_NEAREST_EXACT)
         return {"mask": io.BytesIO(common.encode_png(mask)), "has_mask": True}
 
+    def dropped_masks(self) -> list[dict[str, str]]:
+        """Every mask dropped, at the plan stage (sizes, headers) or while writing (decoding), in that order."""
+        return self.plan.masks_dropped + self.masks_dropped
+
     def mask_warnings(self) -> list[str]:
-        """Manifest warnings about the masks written: thresholded files and records without a mask."""
+        """Manifest warnings about the masks written: thresholded files and records without a mask (the
+        dropped and resized masks have their own manifest sections)."""
         warnings = masks.thresholded_warning(self.thresholded)
         if self.without_mask:
             warnings.append(f"{len(self.without_mask)} images have no mask (stored with has_mask false, left out of "
@@ -199,13 +234,19 @@ def _write_json(path: str, payload: dict) -> None:
 def prepare(builder: BenchmarkBuilder, overwrite: bool = False) -> dict:
     """Converts the builder's raw folder, writes splits.json and manifest.json, and returns the manifest.
 
-    Idempotent: a finished conversion (its manifest exists) is returned as it is unless `overwrite`.
+    Idempotent: a finished conversion (its manifest exists) is returned as it is unless `overwrite`; one made
+    with other `conversion_options` is a ConfigError, so new options are never silently ignored.
     """
     version_dir = builder.data_dir
     manifest_path = os.path.join(version_dir, "manifest.json")
     if os.path.exists(manifest_path) and not overwrite:
         with open(manifest_path) as f:
             manifest = json.load(f)
+        wanted = builder.conversion_options()
+        made = {key: manifest.get("options", {}).get(key) for key in wanted}
+        if made != wanted:
+            raise ConfigError(f"{version_dir} was converted with {made}, not {wanted}; pass --overwrite to "
+                              "convert it again")
         manifest["status"] = "already converted (pass overwrite to redo)"
         return manifest
     if os.path.exists(version_dir):
@@ -241,22 +282,25 @@ def _convert(builder: BenchmarkBuilder, plan: common.Plan, version_dir: str, man
     mask_names = builder.mask_class_names()
     index, occurs = _part_index(version_dir, plan.parts(), len(mask_names or []))
     records = sum(len(p["ids"]) for p in index.values())
-    accounting, not_converted = common.account(plan, {i for p in index.values() for i in p["ids"]},
-                                               builder.failed)
+    converted = {i for p in index.values() for i in p["ids"]}
+    accounting, not_converted = common.account(plan, converted, builder.failed)
     failed = {f["file"] for f in builder.failed}
     folds = {fold: {name: [i for i in ids if i not in failed] for name, ids in splits.items()}
              for fold, splits in plan.folds.items()}
+    dropped = builder.dropped_masks()
     _write_json(os.path.join(version_dir, "splits.json"), {
         "benchmark": builder.name, "config": builder.builder_config.name if builder.builder_config else None,
         "class_names": builder.class_names(), "mask_class_names": mask_names, "default_fold": plan.default_fold,
-        "folds": folds, "parts": index})
+        "folds": folds, "parts": index,
+        "masks_dropped": sorted({entry["image"] for entry in dropped} & converted) if mask_names else []})
     manifest = {
         "dataset": builder.name,
         "config": builder.builder_config.name if builder.builder_config else None,
         "converter_version": CONVERTER_VERSION,
         "raw_root": os.path.abspath(plan.root),
         "licence": builder.LICENSE,
-        "options": {"max_side": builder.max_side, "channels": builder.channels(), "masks": bool(mask_names)},
+        "options": {"max_side": builder.max_side, "channels": builder.channels(), "masks": bool(mask_names),
+                    **builder.conversion_options()},
         "class_names": builder.class_names(),
         "records": records,
         "counts": {
@@ -270,14 +314,24 @@ def _convert(builder: BenchmarkBuilder, plan: common.Plan, version_dir: str, man
         "skipped": plan.skipped + builder.failed,
         "not_converted": not_converted,
         "masks": None if not mask_names else {
-            "class_names": mask_names, "records_with_mask": records - len(builder.without_mask),
-            "records_per_class": dict(zip(mask_names, occurs))},
+            "class_names": mask_names,
+            "records_with_mask": sum(sum(p["has_mask"]) for p in index.values()),
+            "records_per_class": dict(zip(mask_names, occurs)),
+            "dropped": dropped,  # {mask, image, reason}: the image is stored with has_mask false
+            "resized": plan.masks_resized},  # {mask, image, from, to}: resized by nearest neighbour
         "warnings": plan.warnings + builder.mask_warnings(),
         "source_hashes": {rel: file_sha256(os.path.join(plan.root, rel)) for rel in plan.metadata_files},
         "seconds": round(time.time() - start, 2),
         "status": "converted",
     }
+    clash = sorted(set(plan.extra) & set(manifest))
+    if clash:
+        raise RuntimeError(f"converter sections {clash} would overwrite manifest fields (a converter bug)")
+    manifest.update(plan.extra)
     _write_json(manifest_path, manifest)
     for warning in manifest["warnings"]:
         log.warning("%s: %s", builder.name, warning)
+    if dropped:
+        log.warning("%s: %d masks dropped, their images kept without a mask (manifest masks.dropped): %s",
+                    builder.name, len(dropped), [f"{e['mask']}: {e['reason']}" for e in dropped[:masks.MAX_LISTED]])
     return manifest

@@ -6,7 +6,8 @@ Layout and facts from `docs/benchmarks.md` (the dataset's own CSV files):
   * `5-fold-cv.csv` gives `kFold` (the image's test fold) and `valid_1..valid_5`: in round k, rows with
     `kFold == k` are the test set, `valid_k == 1` marks training and `valid_k == 0` validation images;
   * `Masks/mask_<ID without "bus_">.png` is each image's binary lesion mask (0/255), stored in the image's
-    record as 0/1 (`masks.MaskSpec`, kind binary); an image without one keeps `has_mask` false.
+    record as 0/1 (`masks.MaskSpec`, kind binary); an image without one, or whose mask is unusable (another
+    size, unreadable; listed in the manifest), keeps `has_mask` false.
 Storage parts are the five test folds (`fold1`..`fold5`), disjoint, so each image is written once.
 Header and value whitespace is stripped, and `valid_k` may read "1", "1.0" or " 1".
 """

@@ -7,7 +7,10 @@ with the expected layout, a malformed label or split file a `DataError` naming i
 unexpected goes into the plan's `skipped` / `warnings`, which end up in the manifest.
 
 Datasets with segmentation masks give each item a `masks.MaskSpec` and the plan its mask class names; the
-builder stores the mask in the image's record (data_prep/benchmarks/masks.py).
+builder stores the mask in the image's record (data_prep/benchmarks/masks.py). `check_masks` runs on every
+plan before anything is written: it compares each mask with its image from the file headers and drops (or,
+on request, marks for resizing) the masks that do not fit, listing each in `masks_dropped` / `masks_resized`,
+so one odd mask file never aborts a conversion and is known before the slow work starts.
 
 `account` checks that nothing vanished: every file under the dataset root (found by `data_prep.walk`, which
 follows symlinks and reports the ones it cannot) is converted, skipped with a reason, or listed in
@@ -25,6 +28,7 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
+from data_prep.benchmarks import masks
 from data_prep.benchmarks.masks import MaskSpec
 from data_prep.formats.image2d import check_pixel_count
 from data_prep.walk import walk
@@ -63,6 +67,9 @@ class Plan:
     warnings: list[str] = dataclasses.field(default_factory=list)
     walk_root: bool = True  # False when the inputs are the rows of a list (a CSV), not the files under root
     mask_files: list[str] = dataclasses.field(default_factory=list)  # relative paths read as masks
+    masks_dropped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {mask, image, reason}
+    masks_resized: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {mask, image, from, to}
+    extra: dict = dataclasses.field(default_factory=dict)  # converter-specific manifest sections (BUSI's duplicates)
 
     def skip(self, file: str, reason: str) -> None:
         self.skipped.append({"file": file, "reason": reason})
@@ -172,8 +179,55 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
+def check_masks(plan: Plan, resize: bool) -> None:
+    """The plan stage's mask check, from file headers only (module docstring).
+
+    An item whose mask files (or declared polygon size) differ in size from its image, or whose mask header
+    cannot be read, loses its mask (`has_mask` false; the image stays in classification) and each such file
+    goes into `plan.masks_dropped`. With `resize`, a mask that is readable and only of another size is kept,
+    marked to be resized by nearest neighbour, and listed in `plan.masks_resized`. An image whose own header
+    cannot be read is left to the decoder, which skips it with its reason.
+    """
+    for item in plan.items:
+        if item.mask is None:
+            continue
+        try:
+            shape = masks.header_shape(item.path)
+        except masks.READ_ERRORS:
+            continue
+        quirks = masks.check(item.mask, shape)
+        if not quirks:
+            continue
+        if resize and all(q.shape for q in quirks):
+            item.mask = dataclasses.replace(item.mask, resize=True)
+            plan.masks_resized += [{"mask": q.file, "image": item.source, "from": masks.shape_text(q.shape),
+                                    "to": masks.shape_text(shape)} for q in quirks]
+        else:
+            item.mask = None
+            plan.masks_dropped += [{"mask": q.file, "image": item.source, "reason": q.reason} for q in quirks]
+
+
+def stratified_folds(ids: Sequence[str], labels: Sequence[int], folds: int, seed: int) -> list[int]:
+    """The fold (1..`folds`) of each id: every class is shuffled and dealt round the folds, each class starting
+    where the previous one stopped, so each fold holds about 1/`folds` of every class and the fold sizes
+    differ by at most one. Deterministic for a seed, whatever the order of `ids`."""
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for image_id, label in zip(ids, labels):
+        by_class[int(label)].append(image_id)
+    rng = np.random.default_rng([seed, folds])
+    fold_of: dict[str, int] = {}
+    dealt = 0
+    for label in sorted(by_class):
+        members = sorted(by_class[label])
+        rng.shuffle(members)
+        for image_id in members:
+            fold_of[image_id] = dealt % folds + 1
+            dealt += 1
+    return [fold_of[i] for i in ids]
+
+
 def stratified_holdout(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str], fraction: float,
-                       seed: int) -> tuple[list[str], list[str]]:
+                       seed: int | Sequence[int]) -> tuple[list[str], list[str]]:
     """Splits `ids` into (kept, held out) with about `fraction` of each class's groups held out.
 
     Groups (subjects) never straddle the two parts; an empty group id makes the image its own group. A group

@@ -10,8 +10,10 @@ Layout and facts from `docs/benchmarks.md` (the dataset's own COCO files):
     out for validation (seed 0, as UltraSam's setup); `train_full` keeps the whole `train_k`;
   * each annotation's polygon `segmentation` is rasterised into the image's record (`masks.rasterise`, the
     pixel-centre rule) with the class value of its category + 1 (lmym 1, GIST 2; the binary lesion mask is
-    `mask > 0`); the image's size must be the one its COCO entry declares. An image keeps the annotations
-    of the first file that lists it (its test split's `val` file when it has one).
+    `mask > 0`). An image of another size than its COCO entry declares keeps no mask (listed in the
+    manifest's `masks.dropped`; with `resize_mismatched_masks` its polygons are scaled to the image instead,
+    masks.py). An image keeps the annotations of the first file that lists it (its test split's `val` file
+    when it has one).
 Whether the splits are patient-level is not documented, and no patient id is released: `subject` is empty.
 """
 

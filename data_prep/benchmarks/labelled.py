@@ -13,8 +13,9 @@ Segmentation sets: masks come from a `mask` column of the CSV (paths like `path`
 (`masks_dir`) holding, for the image `<relative path>.<ext>`, the file `<relative path>.<any image ext>`.
 With one mask class (the default, `lesion`) a mask is binary (0/255 or 0/1); with several, its pixel values
 are the classes 1..K, 0 being background (data_prep/benchmarks/masks.py). The mask is stored in the image's
-record; an image without one keeps `has_mask` false. A mask folder inside the class-folder tree is not a
-class.
+record; an image without one keeps `has_mask` false, and so does one whose mask is unusable (another size,
+unreadable, a class value beyond the named ones), which the manifest lists. A mask folder inside the
+class-folder tree is not a class.
 
 Class folders are walked with `data_prep.walk`: symlinked files and folders are followed, and a symlink that
 cannot be (broken, looping) is skipped with that reason. A file listed twice in the CSV is converted once,
@@ -234,8 +235,9 @@ class Labelled(builder.BenchmarkBuilder):
         return self.plan.class_names if self.raw_dir else []
 
     def mask_class_names(self) -> list[str] | None:
-        """background + the mask classes when a mask folder is given or the CSV names masks, else None."""
-        if not self.raw_dir or not (self.split_options["masks_dir"] or any(i.mask for i in self.plan.items)):
+        """background + the mask classes when a mask folder is given or the CSV names masks (even if every one
+        was dropped as unusable), else None."""
+        if not self.raw_dir or not (self.split_options["masks_dir"] or self.plan.mask_files):
             return None
         return ["background", *self.split_options["mask_classes"]]
 

@@ -7,6 +7,8 @@ Layout and facts from `docs/benchmarks.md` (the dataset's own list files):
   * `annotations/N_binary.PNG` is the image's binary tumour mask. Each image holds one tumour, of the class
     its `*_cls.txt` line gives, so the record's mask is class + 1 inside the binary mask and 0 outside: the
     8-class map, from which the binary one is `mask > 0` (`masks.MaskSpec`, kind binary, value label + 1);
+  * a binary mask of another size than its image (the real release's `598_binary.PNG` is 256x256 for a
+    604 x 566 image) is dropped and listed, its image kept without a mask, or resized on request (masks.py);
   * `annotations/N.PNG` is colour-coded by class; it is checked against the lists, and a disagreement is a
     manifest warning listing the images (`masks.colour_coding_warnings`). `N_binary_binary.PNG` (a copy) is
     not read;

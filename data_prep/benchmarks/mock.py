@@ -1,8 +1,9 @@
-"""Synthetic trees in the layouts of the three benchmarks, for smoke tests and demos of the benchmark path.
+"""Synthetic trees in the layouts of the benchmarks, for smoke tests and demos of the benchmark path.
 
     write_busbra_tree(root, patients=60, size=64, seed=0[, cues, fat_lobules]) -> the BUSBRA folder
     write_mmotu_tree(root, count=40, size=64, seed=0)                         -> the OTU_2d folder
     write_gist514_tree(root, count=20, size=64, seed=0, subset="roi")         -> usd514_jpeg_roi (or _raw)
+    write_busi_tree(root, per_class=(8, 5, 4), size=24, seed=0)              -> Dataset_BUSI_with_GT
 
 Images come from `usf_mae_jax.data.synthetic` (speckle, probe geometry, posterior shadows, and lesions whose
 class shows in their shape: benign round and smooth with posterior enhancement, malignant irregular with a
@@ -10,7 +11,8 @@ posterior shadow; `cues` sets how strongly, `usf_mae_jax.data.synthetic.Cues`), 
 them; with `fat_lobules=True` the tissue also holds flat hypoechoic fat lobules, the usual lesion mimics. Every
 mask is the true lesion of its image, written the way the real dataset ships it (docs/benchmarks.md, "Masks"):
 BUS-BRA `Masks/mask_<ID>.png` with 0/255, MMOTU-2D `annotations/N_binary.PNG` (0/255) and the colour-coded
-`annotations/N.PNG`, GIST514-DB COCO polygons.
+`annotations/N.PNG`, GIST514-DB COCO polygons, BUSI `<class> (N)_mask.png` as 1-bit PNGs (all-background RGB
+for `normal/`) beside RGB images whose three channels are equal, as in the release.
 
 BUS-BRA folds are patient-level and stratified by pathology, like the real file; in each round 15% of each
 class's training patients (at least one) are validation patients. MMOTU-2D gets `train*.txt` / `val*.txt`
@@ -22,9 +24,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from usf_mae_jax.data import synthetic
 
@@ -182,4 +186,62 @@ def write_gist514_tree(root: str, count: int = 20, size: int = 64, seed: int = 0
                     "categories": categories}
             with open(os.path.join(base, "annotations", f"{kind}_{stem}_{k}.json"), "w") as f:
                 json.dump(coco, f)
+    return base
+
+
+BUSI_CLASSES = ("benign", "malignant", "normal")
+
+
+def _busi_image(folder: str, name: str, n: int, size: int, seed: int) -> np.ndarray:
+    """Writes `<name> (n).png` (gray stored as RGB, of a size varying by image) and returns its lesion mask."""
+    label = BUSI_CLASSES.index(name)
+    rng = np.random.default_rng([seed, label, n])
+    shape = (size + int(rng.integers(0, 6)), size + int(rng.integers(0, 10)))
+    lesion = synthetic.NO_LESION if name == "normal" else (synthetic.BENIGN, synthetic.MALIGNANT)[label]
+    image, mask = synthetic.synthesize_with_mask(shape, rng, lesion)
+    Image.fromarray(np.repeat(image[:, :, None], 3, axis=2)).save(os.path.join(folder, f"{name} ({n}).png"))
+    return mask
+
+
+def _save_busi_mask(path: str, mask: np.ndarray, normal: bool) -> None:
+    if normal:  # the release's normal masks are all-black RGB files
+        Image.fromarray(np.zeros((*mask.shape, 3), np.uint8)).save(path)
+    else:
+        Image.fromarray(mask.astype(bool)).save(path)  # mode "1", as most of the release's masks
+
+
+def write_busi_tree(root: str, per_class: tuple[int, int, int] = (8, 5, 4), size: int = 24, seed: int = 0,
+                    quirks: bool = True) -> str:
+    """Writes `root/Dataset_BUSI_with_GT` with BUSI's exact names and returns that folder.
+
+    `per_class` counts the benign, malignant and normal files. With `quirks`, the release's oddities are
+    reproduced: `benign (2)` has its lesion split over three masks (`_mask`, `_mask_1`, `_mask_2`) whose union
+    is the lesion; the last benign file is a byte copy of `benign (1)` (a duplicate within a class) and the last
+    malignant file a copy of `benign (3)` (a duplicate with another class), masks included. Normal masks are
+    empty. Deterministic for a seed.
+    """
+    if quirks and (per_class[0] < 4 or per_class[1] < 2):
+        raise ValueError("the quirks need at least 4 benign and 2 malignant files")
+    base = os.path.join(root, "Dataset_BUSI_with_GT")
+    for name, count in zip(BUSI_CLASSES, per_class):
+        folder = os.path.join(base, name)
+        os.makedirs(folder, exist_ok=True)
+        for n in range(1, count + 1):
+            if quirks and (name, n) in (("benign", count), ("malignant", count)):
+                continue  # written below as copies
+            mask = _busi_image(folder, name, n, size, seed)
+            if quirks and (name, n) == ("benign", 2):
+                columns = np.flatnonzero(mask.any(axis=0))
+                for k, part in enumerate(np.array_split(columns, 3)):
+                    piece = np.zeros_like(mask)
+                    piece[:, part] = mask[:, part]
+                    _save_busi_mask(os.path.join(folder, f"{name} ({n})_mask{f'_{k}' if k else ''}.png"), piece,
+                                    False)
+            else:
+                _save_busi_mask(os.path.join(folder, f"{name} ({n})_mask.png"), mask, name == "normal")
+    if quirks:
+        for target, source in ((("benign", per_class[0]), ("benign", 1)), (("malignant", per_class[1]), ("benign", 3))):
+            for suffix in ("", "_mask"):
+                shutil.copyfile(os.path.join(base, source[0], f"{source[0]} ({source[1]}){suffix}.png"),
+                                os.path.join(base, target[0], f"{target[0]} ({target[1]}){suffix}.png"))
     return base

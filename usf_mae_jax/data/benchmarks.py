@@ -8,13 +8,15 @@
 
 Conversions with masks (converter 1.1.0+, docs/segmentation.md) add `"mask"`, a uint8 (H, W) class map the
 size of the image (0 = background), and `"has_mask"` to each item; `src.has_mask` tells, without decoding,
-which records have one.
+which records have one, and `src.mask_dropped` (converter 1.2.0+) which of those without one had a mask file
+the converter dropped as unusable (a size mismatch, an unreadable file; the manifest's `masks.dropped`).
 
 `data_dir` is the converter's `--out_dir` (holding `<name>/[<config>/]<version>/`) or that version folder
 itself. `split` is `train`, `validation`, `test`, or `train_full` where the benchmark has it (MMOTU-2D and
 GIST514-DB: the official training list before the 5% validation hold-out). `fold` picks the round
-(BUS-BRA 1..5, default 1; GIST514-DB 0..4, default 0; MMOTU-2D and labelled sets have one, 0). `subset`
-picks a builder config (GIST514-DB: `roi`, the default, or `raw`). `channels` (1 or 3) converts images on
+(BUS-BRA and BUSI 1..5, default 1; GIST514-DB 0..4, default 0; MMOTU-2D and labelled sets have one, 0).
+`subset` picks a builder config (GIST514-DB: `roi`, the default, or `raw`; BUSI: `three_class`, the default,
+or `benign_malignant`, the same folds without the normal images). `channels` (1 or 3) converts images on
 read, e.g. 3 for a model that wants RGB; None returns them as stored.
 
 The source is a plain Python sequence, so `grain.MapDataset.source(src)` works on it directly; it reads
@@ -31,8 +33,8 @@ import numpy as np
 
 from usf_mae_jax.cli import ConfigError, DataError, MissingInputError
 
-BUILDER_NAMES = {"busbra": "busbra", "mmotu": "mmotu", "gist514": "gist514", "labelled": "labelled"}
-DEFAULT_SUBSETS = {"gist514": "roi"}
+BUILDER_NAMES = {"busbra": "busbra", "mmotu": "mmotu", "gist514": "gist514", "labelled": "labelled", "busi": "busi"}
+DEFAULT_SUBSETS = {"gist514": "roi", "busi": "three_class"}
 
 
 def _has_splits(path: str) -> bool:
@@ -121,6 +123,8 @@ class SplitSource:
         self.ids = list(ids)
         self.labels = np.array([where[i][2] for i in ids], np.int64)
         self.has_mask = np.array([where[i][3] for i in ids], bool)
+        dropped = set(splits.get("masks_dropped", ()))
+        self.mask_dropped = np.array([i in dropped for i in ids], bool)
         self._locations = [where[i][:2] for i in ids]
         self.channels = channels
         self._parts: dict = {}

@@ -2,9 +2,12 @@
 scored at each mask's own resolution.
 
 * **Splits** (`load_segmentation`). As `downstream.load_benchmark`, plus each record's mask, a uint8 class map
-  at the record's stored size (0 = background; data_prep/benchmarks/masks.py). Records whose dataset lacks
-  their mask (`has_mask` false) are left out with a warning. `classes="binary"` folds every foreground class
-  into one (MMOTU-2D's binary task, GIST514-DB's lesion-versus-background).
+  at the record's stored size (0 = background; data_prep/benchmarks/masks.py). Records without a mask
+  (`has_mask` false) are left out with a warning that counts them per split and tells the images whose dataset
+  lacks the mask from those whose mask file the converter dropped as unusable (listed in the manifest's
+  `masks.dropped`); the counts are kept in `SegmentationData.left_out`. Classification keeps all of them.
+  `classes="binary"` folds every foreground class into one (MMOTU-2D's binary task, GIST514-DB's
+  lesion-versus-background).
 * **Training pairs** (`make_train_transform`): `fn(image, mask, rng) -> (image, mask)` at the model's size.
   Geometric ops are applied identically to both, the image interpolated bilinearly and the mask by nearest
   neighbour so that it keeps its class values; photometric ops touch the image only (docs/segmentation.md):
@@ -65,6 +68,8 @@ class SegmentationData(downstream.BenchmarkData):
     """A benchmark's splits with masks; `mask_class_names` starts with the background."""
 
     mask_class_names: list[str] = dataclasses.field(default_factory=list)
+    # per split, the records left out: {"no_mask": dataset lacks it, "mask_dropped": the converter dropped it}
+    left_out: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def _check_data_dir(data_dir: str, benchmark: str) -> None:
@@ -90,13 +95,16 @@ def load_segmentation(data_dir: str, benchmark: str, fold: int | None = None, su
                         f"convert it again with `python -m data_prep {benchmark} ... --overwrite` (1.1.0 or later)")
     if classes == "binary" and len(names) > 2:
         names = ["background", "foreground"]
-    splits = {}
+    splits, left_out = {}, {}
     for split in downstream.SPLITS:
         source = benchmarks.load_split(version_dir, benchmark, split, fold=fold)
         kept = np.flatnonzero(source.has_mask)
+        dropped = int(np.sum(source.mask_dropped & ~source.has_mask))
+        left_out[split] = {"no_mask": len(source) - len(kept) - dropped, "mask_dropped": dropped}
         if len(kept) < len(source):
-            log.warning("%s %s: %d of %d records have no mask and are left out", version_dir, split,
-                        len(source) - len(kept), len(source))
+            log.warning("%s %s: %d of %d records are left out of segmentation: %d whose dataset has no mask, %d "
+                        "whose mask the converter dropped as unusable (manifest.json, masks.dropped)", version_dir,
+                        split, len(source) - len(kept), len(source), left_out[split]["no_mask"], dropped)
         if len(kept) == 0:
             raise DataError(f"{version_dir}: the {split} split of fold {fold} has no record with a mask")
         items = [source[int(i)] for i in kept]
@@ -110,7 +118,7 @@ def load_segmentation(data_dir: str, benchmark: str, fold: int | None = None, su
     log.info("%s fold %s: %s images with masks; mask classes %s", benchmark, fold,
              {k: len(v) for k, v in splits.items()}, names)
     return SegmentationData(benchmark, fold, subset, version_dir, benchmarks.class_names(version_dir, benchmark),
-                            int(manifest.get("options", {}).get("channels", 1)), splits, names)
+                            int(manifest.get("options", {}).get("channels", 1)), splits, names, left_out)
 
 
 # ------------------------------------------------------------------------------------- joint augmentation

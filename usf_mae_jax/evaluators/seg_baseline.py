@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usf_mae_jax.evaluators.seg_baseline",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", required=True, help="the converter's --out_dir (a conversion with masks)")
-    parser.add_argument("--dataset", default="busbra", choices=["busbra", "mmotu", "gist514", "labelled"])
+    parser.add_argument("--dataset", default="busbra", choices=["busbra", "busi", "mmotu", "gist514", "labelled"])
     parser.add_argument("--fold", type=int, default=None, help="the official round (default: the benchmark's)")
     parser.add_argument("--subset", default=None, help="GIST514-DB roi | raw")
     parser.add_argument("--out", required=True, help="folder for results.json, the CSV and the overlays")
