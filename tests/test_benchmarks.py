@@ -283,3 +283,54 @@ def test_labelled_csv_subject_level_and_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"python -m data_prep labelled: {tmp_path / 'nothing'} does not exist. Expected layout:")
     assert len(err.splitlines()) == 1
+
+
+def test_labelled_folds_are_subject_level_stratified_and_cover_everything_once(tmp_path):
+    """A DDTI-like segmentation set (one class, masks of the same names in another folder, no split column) and a
+    CSV with subjects: --folds K gives K rounds whose test folds partition the set, with no subject straddling
+    a fold and each class spread over the folds."""
+    images = tmp_path / "data"
+    rows = ["path,label,subject"]
+    for i in range(30):
+        write_image(str(images / f"{i}.png"), i)
+        rows.append(f"data/{i}.png,{'ab'[(i // 3) % 2]},patient{i // 3}")  # 10 patients of 3 images, 5 per class
+    (tmp_path / "set.csv").write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "out")
+    m = convert("labelled", str(tmp_path / "set.csv"), out, folds=3, seed=1)
+    assert m["records"] == 30 and m["options"]["folds"] == 3 and sorted(m["counts"]["splits"]) == ["1", "2", "3"]
+    tests = [load_split(out, "labelled", "test", fold=k) for k in (1, 2, 3)]
+    assert sorted(i for t in tests for i in t.ids) == sorted(f"data/{i}.png" for i in range(30))
+    fold_of_subject = {}
+    for k, test in enumerate(tests, 1):
+        assert set(test.labels) == {0, 1} and len(test) in (9, 12)  # 3 or 4 whole patients, both classes
+        for index in range(len(test)):
+            assert fold_of_subject.setdefault(test[index]["subject"], k) == k
+        train, validation = (load_split(out, "labelled", s, fold=k) for s in ("train", "validation"))
+        assert set(train.ids).isdisjoint(validation.ids) and len(train) + len(validation) + len(test) == 30
+        assert set(train.ids).isdisjoint(test.ids)
+    assert load_split(out, "labelled", "test").ids == tests[0].ids  # the default round is 1
+    again = convert("labelled", str(tmp_path / "set.csv"), str(tmp_path / "again"), folds=3, seed=1)
+    assert again["counts"]["splits"] == m["counts"]["splits"]
+    with pytest.raises(ValueError, match=r"was converted with .*.folds.: 3.*, not .*.folds.: 4"):
+        convert("labelled", str(tmp_path / "set.csv"), out, folds=4, seed=1)
+
+
+def test_labelled_csv_names_masks_outside_its_folder(tmp_path):
+    """DDTI's layout: the CSV lives apart from the release and names images and masks by absolute paths, the masks
+    in `mask/` under the images' own names. The masks are kept (they once were silently ignored)."""
+    raw = tmp_path / "ddti" / "1_or_data"
+    (raw / "mask").mkdir(parents=True)
+    rows = ["path,label,mask"]
+    for i in range(1, 7):
+        write_image(str(raw / "image" / f"{i}.PNG"), i)
+        mask = np.zeros((12, 16), np.uint8)
+        mask[3:8, 4:10] = 255
+        assert cv2.imwrite(str(raw / "mask" / f"{i}.PNG"), mask)
+        rows.append(f"{raw / 'image' / f'{i}.PNG'},nodule,{raw / 'mask' / f'{i}.PNG'}")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "ddti.csv").write_text("\n".join(rows) + "\n")
+    m = convert("labelled", str(tmp_path / "lists" / "ddti.csv"), str(tmp_path / "out"), folds=2,
+                mask_classes=("nodule",))
+    assert m["masks"]["class_names"] == ["background", "nodule"] and m["masks"]["records_with_mask"] == 6
+    example = load_split(str(tmp_path / "out"), "labelled", "test", fold=1)[0]
+    assert example["has_mask"] and int(example["mask"].sum()) == 5 * 6

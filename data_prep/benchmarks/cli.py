@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
         parser.add_argument("--test_fraction", type=arguments.fraction_below_one, default=0.2,
                             help="test fraction of subjects per class when there is no split column")
         parser.add_argument("--seed", type=int, default=0, help="seed of the subject-level split")
+        parser.add_argument("--folds", type=arguments.non_negative_int, default=0,
+                            help="K >= 2: K subject-level, class-stratified folds (rounds 1..K, each testing on "
+                                 "one fold) instead of one train/validation/test split; 0 (default): one split")
         parser.add_argument("--masks", default=None, help="folder of segmentation masks: the mask of image "
                             "<relative path>.<ext> is <relative path>.<any image ext> in it (a CSV can name them "
                             "in a 'mask' column instead)")
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace, benchmark: str) -> int:
     if benchmark == "labelled":
         raw_dir = args.src
         options = dict(dataset=args.name, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                       seed=args.seed, masks_dir=args.masks, mask_classes=args.mask_classes)
+                       seed=args.seed, masks_dir=args.masks, mask_classes=args.mask_classes, folds=args.folds)
     else:
         raw_dir = args.raw_dir
     if benchmark == "busi":

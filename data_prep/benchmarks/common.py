@@ -226,6 +226,23 @@ def stratified_folds(ids: Sequence[str], labels: Sequence[int], folds: int, seed
     return [fold_of[i] for i in ids]
 
 
+def stratified_group_folds(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str], folds: int,
+                           seed: int) -> list[int]:
+    """The fold (1..`folds`) of each id, with whole groups (subjects) dealt as `stratified_folds` deals images:
+    a group counts for the class of the majority of its images, and an empty group id is the image alone."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, group in enumerate(groups):
+        members[group or f"\0{ids[i]}"].append(i)
+    names = sorted(members)
+    majority = [int(np.bincount([labels[i] for i in members[g]]).argmax()) for g in names]
+    fold_of_group = dict(zip(names, stratified_folds(names, majority, folds, seed)))
+    fold_of = {}
+    for group, indices in members.items():
+        for i in indices:
+            fold_of[i] = fold_of_group[group]
+    return [fold_of[i] for i in range(len(ids))]
+
+
 def stratified_holdout(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str], fraction: float,
                        seed: int | Sequence[int]) -> tuple[list[str], list[str]]:
     """Splits `ids` into (kept, held out) with about `fraction` of each class's groups held out.

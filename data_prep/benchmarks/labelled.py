@@ -5,9 +5,12 @@ For users' own downstream tasks (fetal-heart views, thyroid nodules, ...; docs/b
   * or a CSV with a header holding at least `path` and `label` (paths relative to the CSV's folder or
     absolute), optionally `subject` and `split` (train | validation | val | test).
 Without a split column the converter makes subject-level stratified splits (default 70/10/20, seed 0): no
-subject straddles two splits, and an empty subject makes the image its own group. Files that look like masks
+subject straddles two splits, and an empty subject makes the image its own group. With `folds` K >= 2 it makes
+K subject-level, class-stratified folds instead (`common.stratified_group_folds`): round k tests on fold k and
+holds out `val_fraction` of the other subjects for validation; the storage parts are then the folds, so every
+image is stored once, and the rounds are folds "1".."K" (the default fold "1"). Files that look like masks
 (`*_mask*`, `*_binary*`, `*_seg*`, or under a `mask(s)` / `annotations` folder) are skipped with a reason:
-masks never become inputs. The storage parts are the three splits themselves (fold "0").
+masks never become inputs. Without folds, the storage parts are the three splits themselves (fold "0").
 
 Segmentation sets: masks come from a `mask` column of the CSV (paths like `path`), or from a mask folder
 (`masks_dir`) holding, for the image `<relative path>.<ext>`, the file `<relative path>.<any image ext>`.
@@ -128,7 +131,7 @@ def _mask_spec(path: str | None, root: str, mask_classes: tuple[str, ...], plan:
 
 
 def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
-          masks_dir: str | None = None, mask_classes: tuple[str, ...] = ("lesion",)) -> common.Plan:
+          masks_dir: str | None = None, mask_classes: tuple[str, ...] = ("lesion",), folds: int = 0) -> common.Plan:
     if not os.path.exists(src):
         raise common.LayoutError(f"{src} does not exist. Expected layout:\n{LAYOUT}")
     if masks_dir and not os.path.isdir(masks_dir):
@@ -141,6 +144,7 @@ def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed:
     if not rows:
         raise common.LayoutError(f"{src} lists no images. Expected layout:\n{LAYOUT}")
     plan.class_names = _sorted_labels({r["label"] for r in rows})
+    plan.extra["mask_column"] = any(r["mask"] for r in rows)  # masks named, wherever they live
     with_split = [r for r in rows if r["split"]]
     if with_split and len(with_split) != len(rows):
         raise DataError(f"{src}: the split column is filled for {len(with_split)} of {len(rows)} rows; "
@@ -165,11 +169,36 @@ def parse(src: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed:
         mask = _mask_spec(_mask_file(row, root, masks_dir, relative), root, mask_classes, plan)
         plan.items.append(common.Item(path=full, source=relative, label=plan.class_names.index(row["label"]),
                                       subject=row["subject"], part=SPLIT_NAMES[split] if split else "", mask=mask))
+    if folds:
+        if with_split:
+            raise ConfigError(f"{src} has a split column; --folds makes its own folds: drop one of them")
+        _assign_folds(plan, folds, val_fraction, seed)
+        return plan
     if not with_split:
         _assign_splits(plan, val_fraction, test_fraction, seed)
     plan.folds["0"] = {name: [i.source for i in plan.items if i.part == name]
                        for name in ("train", "validation", "test")}
     return plan
+
+
+def _assign_folds(plan: common.Plan, folds: int, val_fraction: float, seed: int) -> None:
+    """K subject-level, class-stratified folds; round k: test fold k, validation a held-out share of the rest."""
+    if folds < 2 or len({i.subject or i.source for i in plan.items}) < folds:
+        raise ConfigError(f"--folds {folds}: needs at least 2 folds and as many subjects as folds")
+    items = plan.items
+    assignment = common.stratified_group_folds([i.source for i in items], [i.label for i in items],
+                                               [i.subject for i in items], folds, seed)
+    for item, fold in zip(items, assignment):
+        item.part = f"fold{fold}"
+    for k in range(1, folds + 1):
+        rest = [i for i in items if i.part != f"fold{k}"]
+        train, validation = common.stratified_holdout([i.source for i in rest], [i.label for i in rest],
+                                                      [i.subject for i in rest], val_fraction, [seed, k])
+        plan.folds[str(k)] = {"train": train, "validation": validation,
+                              "test": [i.source for i in items if i.part == f"fold{k}"]}
+    plan.default_fold = "1"
+    plan.extra["split_protocol"] = {"folds": folds, "seed": seed, "level": "subject (an empty subject: the image)",
+                                   "stratified_by": "class", "validation_fraction": val_fraction}
 
 
 def _assign_splits(plan: common.Plan, val_fraction: float, test_fraction: float, seed: int) -> None:
@@ -215,11 +244,11 @@ class Labelled(builder.BenchmarkBuilder):
 
     def __init__(self, *, raw_dir: str | None = None, dataset: str | None = None, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, seed: int = 0, masks_dir: str | None = None,
-                 mask_classes: tuple[str, ...] = ("lesion",), **kwargs):
+                 mask_classes: tuple[str, ...] = ("lesion",), folds: int = 0, **kwargs):
         if not mask_classes or len(set(mask_classes)) != len(mask_classes) or "background" in mask_classes:
             raise ConfigError(f"mask classes must be distinct names other than 'background', got {mask_classes}")
         self.split_options = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                                  masks_dir=masks_dir, mask_classes=tuple(mask_classes))
+                                  masks_dir=masks_dir, mask_classes=tuple(mask_classes), folds=int(folds))
         self.dataset = dataset or (os.path.splitext(os.path.basename(os.path.normpath(raw_dir)))[0]
                                    if raw_dir else "labelled")
         self._channels: int | None = None
@@ -237,7 +266,8 @@ class Labelled(builder.BenchmarkBuilder):
     def mask_class_names(self) -> list[str] | None:
         """background + the mask classes when a mask folder is given or the CSV names masks (even if every one
         was dropped as unusable), else None."""
-        if not self.raw_dir or not (self.split_options["masks_dir"] or self.plan.mask_files):
+        if not self.raw_dir or not (self.split_options["masks_dir"] or self.plan.mask_files
+                                    or self.plan.extra.get("mask_column")):
             return None
         return ["background", *self.split_options["mask_classes"]]
 
@@ -245,3 +275,8 @@ class Labelled(builder.BenchmarkBuilder):
         if self._channels is None:
             self._channels = 1 if not self.raw_dir or grayscale_only(self.plan) else 3
         return self._channels
+
+    def conversion_options(self) -> dict:
+        options = self.split_options
+        return {**super().conversion_options(), "folds": options["folds"], "seed": options["seed"],
+                "val_fraction": options["val_fraction"], "test_fraction": options["test_fraction"]}
