@@ -74,7 +74,8 @@ SEGMENTATION_INPUT = {"augment": "joint", "rotation_degrees": 15.0, "crop_scale_
 # ----------------------------------------------------------------------------------------------- shared
 
 
-def _import_torch(model: str):
+def import_torch(model: str):
+    """The torch module, or a one-line ConfigError naming the baseline that needs it (a test-only dependency)."""
     try:
         import torch
     except ImportError:
@@ -205,7 +206,7 @@ def pixels_logreg(data: downstream.BenchmarkData, *, img_size: int = 64, label_f
 def small_cnn(data: downstream.BenchmarkData, *, img_size: int = 64, label_fraction: float = 1.0, seed: int = 0,
               epochs: int = 30, batch_size: int = 32, lr: float = 1e-3, warmup_epochs: float = 1.0) -> dict[str, Any]:
     """A small CNN trained from scratch with the fine-tune task's augmentation (module docstring)."""
-    torch = _import_torch("small_cnn")
+    torch = import_torch("small_cnn")
     if img_size < 2 ** len(WIDTHS):
         raise ConfigError(f"small_cnn pools {len(WIDTHS)} times: img_size must be at least {2 ** len(WIDTHS)}")
     nn = torch.nn
@@ -285,7 +286,7 @@ def _build_unet(torch, in_chans: int):
 def small_unet(data: segdata.SegmentationData, *, img_size: int = 64, label_fraction: float = 1.0, seed: int = 0,
                epochs: int = 30, batch_size: int = 32, lr: float = 1e-3, warmup_epochs: float = 1.0) -> dict[str, Any]:
     """A small U-Net trained from scratch with the segment task's joint augmentation (module docstring)."""
-    torch = _import_torch("small_unet")
+    torch = import_torch("small_unet")
     _binary_classes(data)
     scale = 2 ** (len(WIDTHS) - 1)
     if img_size % scale:
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         if args.threads > 0 and args.model in ("small_cnn", "small_unet"):
-            _import_torch(args.model).set_num_threads(args.threads)
+            import_torch(args.model).set_num_threads(args.threads)
         settings = {"model": args.model, "benchmark": args.benchmark, "fold": args.fold, "subset": args.subset,
                     **model_options(args)}
         results = run_to(args.out, args.model, settings,

@@ -64,6 +64,7 @@ class Settings:
     img_size: int
     batch_size: int
     probe_pool: str = "blocks"
+    torch_threads: int = 1  # the torch baselines' CPU threads (study/baselines.py: 1 on a shared CPU)
 
     def epochs_for(self, budget: float) -> float:
         return self.epochs if budget >= 1.0 else self.low_epochs
@@ -196,6 +197,8 @@ def run_baseline(settings: Settings, model: str, budget: float, out: str) -> lis
     """One baseline of study/baselines.py per fold and seed, with the ViT rows' settings (resumable)."""
     from usf_mae_jax.study import baselines
 
+    if model in ("small_cnn", "small_unet") and settings.torch_threads > 0:
+        baselines.import_torch(model).set_num_threads(settings.torch_threads)
     config = load_task_config(settings.config)
     runs = []
     for fold in settings.folds:
@@ -314,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="", help="comma-separated rows (default: all of the task's kind)")
     parser.add_argument("--probe_pool", default="blocks", choices=("blocks", "mean", "cls"),
                         help="the ridge probe's feature (usf_mae_jax/embed.py's pools)")
+    parser.add_argument("--torch_threads", type=int, default=1,
+                        help="CPU threads of the torch baselines (0: torch's default; 1 suits a shared CPU)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--budgets must be comma-separated fractions, got {args.budgets!r}") from None
         settings = Settings(args.config, args.data_dir, args.init, tuple(parse_int_list(args.folds, "folds")),
                             tuple(parse_int_list(args.seeds, "seeds")), budgets, args.epochs, args.low_epochs,
-                            args.img_size, args.batch_size, args.probe_pool)
+                            args.img_size, args.batch_size, args.probe_pool, args.torch_threads)
         run_table(settings, args.out, [r.strip() for r in args.rows.split(",") if r.strip()])
         print(merged_markdown([args.out]))
         return 0
