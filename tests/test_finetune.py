@@ -74,6 +74,44 @@ def test_config_presets_and_recipe_values():
         finetune_config.get_config("busbra,epochs=3,runlocal")
 
 
+def test_small_data_recipe_values_and_the_reference_default():
+    reference, small = finetune_config.get_config("busi"), finetune_config.get_config("busi,recipe=small_data")
+    assert reference.select_metric == "f1_macro" and reference.optimizer.lr is None
+    assert reference.class_balance == "none" and reference.optimizer.scratch_layer_decay is None
+    assert (small.batch_size, small.optimizer.lr, small.optimizer.scratch_layer_decay) == (32, 5e-4, 1.0)
+    assert (small.class_balance, small.select_metric, small.total_epochs) == ("loss", "f1_macro_guarded", 100.0)
+    linear = finetune_config.get_config("busi,recipe=small_data,mode=linear")
+    assert linear.optimizer.name == "lars" and linear.select_metric == "f1_macro"  # the probe keeps its recipe
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        finetune_config.get_config("busi,recipe=fast")
+
+
+def test_guarded_selection_ranks_a_single_class_state_last_and_scratch_has_its_own_layer_decay(bench, monkeypatch):
+    import jax
+
+    config = local_config(bench, "busbra,runlocal,recipe=small_data")
+    task = registry.create(config)
+    task.prepare(jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1]), "")
+    assert task.select_metric == "f1_macro_guarded" and task.decay == 1.0  # no init: scratch_layer_decay
+    labels = task.data.splits["validation"].labels
+    collapsed = np.eye(2)[np.zeros_like(labels)]
+    monkeypatch.setattr(task, "probabilities", lambda variables, split: collapsed)
+    one_class = task.evaluate({}, 1)
+    assert one_class["predicted_classes"] == 1
+    assert one_class["f1_macro_guarded"] == pytest.approx(one_class["f1_macro"] - 1.0)
+    alternating = np.eye(2)[np.arange(len(labels)) % 2]  # both classes predicted, right or wrong
+    monkeypatch.setattr(task, "probabilities", lambda variables, split: alternating)
+    two_classes = task.evaluate({}, 2)
+    assert two_classes["predicted_classes"] == 2 and two_classes["f1_macro_guarded"] == two_classes["f1_macro"]
+    assert two_classes["f1_macro_guarded"] > one_class["f1_macro_guarded"]
+    assert len(labels) >= 2
+    task.close()
+    reference = registry.create(local_config(bench, "busbra,runlocal"))
+    reference.prepare(jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1]), "")
+    assert reference.decay == 0.65 and reference.select_metric == "f1_macro"
+    reference.close()
+
+
 def test_layer_decay_default_follows_model_width():
     from usf_mae_jax.models import vit
 
@@ -186,6 +224,7 @@ def test_init_from_pretraining_workdir_resizes_the_position_table(bench, tmp_pat
     with open(os.path.join(workdir, "provenance.json")) as f:
         provenance = json.load(f)
     assert provenance["kind"] == "workdir" and provenance["init"] == os.path.abspath(pre)
+    assert provenance["checkpoint_step"] == 4  # the pretraining step the init was read at
     assert provenance["pretraining_config"]["input_source"] == "synthetic"
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["resolved_model"]["img_size"] == 48

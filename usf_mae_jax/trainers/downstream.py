@@ -10,7 +10,9 @@ converted benchmark (`config.dataset`, `config.fold`, `config.subset` under `inp
 (keeping a class-stratified `config.label_fraction` of the training split, a label budget drawn with
 `config.seed`), evaluate the validation split every `eval_every` steps with scikit-learn metrics, select the
 state of the best validation macro-F1, and test it once into `results.json` and `confusion_matrix.png`
-(evaluators/metrics.py).
+(evaluators/metrics.py). With `config.select_metric = "f1_macro_guarded"` a state that predicts a single
+class for the whole validation split ranks below every state that does not, whatever its macro-F1: a
+single-class collapse is never the tested state while another was seen (docs/real_data.md).
 
 A subclass supplies `probabilities(variables, split) -> (N, C)` and the training parts of the task contract.
 """
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from usf_mae_jax.cli import ConfigError
 from usf_mae_jax.core import files, optim
 from usf_mae_jax.core.steps import StepPlan
 from usf_mae_jax.data import downstream
@@ -33,6 +36,9 @@ from usf_mae_jax.trainers import initialization
 from usf_mae_jax.trainers.task import Task
 
 log = logging.getLogger(__name__)
+
+SELECT_METRICS = ("f1_macro", "f1_macro_guarded")
+COLLAPSE_PENALTY = 1.0  # f1_macro_guarded of a single-class state: below any state predicting two classes
 
 
 class BenchmarkTask(Task):
@@ -77,6 +83,12 @@ class ClassificationTask(BenchmarkTask):
 
     select_metric = "f1_macro"
 
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.select_metric = str(config.get("select_metric") or "f1_macro")
+        if self.select_metric not in SELECT_METRICS:
+            raise ConfigError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
+
     def prepare(self, mesh: Mesh, workdir: str) -> None:
         config = self.config
         data = downstream.load_benchmark(config.input.data_dir, config.dataset, config.fold, config.subset)
@@ -94,9 +106,12 @@ class ClassificationTask(BenchmarkTask):
 
     def evaluate(self, variables: dict, step: int) -> dict[str, float]:
         split = self.data.splits["validation"]
-        result = metrics.classification_results(split.labels, self.probabilities(variables, "validation"),
-                                                self.data.class_names, "validation")
-        return {k: result[k] for k in metrics.SCALAR_KEYS if result[k] is not None}
+        probabilities = self.probabilities(variables, "validation")
+        result = metrics.classification_results(split.labels, probabilities, self.data.class_names, "validation")
+        predicted = len(np.unique(probabilities.argmax(axis=1)))
+        guard = 0.0 if predicted > 1 else COLLAPSE_PENALTY
+        return {**{k: result[k] for k in metrics.SCALAR_KEYS if result[k] is not None},
+                "predicted_classes": predicted, "f1_macro_guarded": result["f1_macro"] - guard}
 
     def test(self, variables: dict) -> dict[str, Any]:
         split = self.data.splits["test"]

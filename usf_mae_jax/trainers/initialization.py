@@ -62,6 +62,8 @@ def init_provenance(path: str | None) -> dict:
         return record
     if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR)):
         record["kind"] = "workdir"
+        # The newest committed step when the init was read: a live pretraining moves on while readers use it.
+        record["checkpoint_step"] = (checkpoint.workdir_steps(path) or [None])[-1]
         config_path = os.path.join(path, "config.json")
         if os.path.isfile(config_path):
             saved = files.read_json(config_path)
