@@ -118,6 +118,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "weight_decay": 0.05,
         "wd_mask": "finetune",  # no decay on 1-D params (BatchNorm, biases), pos_embed, cls_token
         "layer_decay": config_dict.placeholder(float),  # None: 0.65 up to ViT-B's width, 0.75 above
+        # The layer decay of a run without `init` (random encoder); None: the same as with an init.
+        "scratch_layer_decay": config_dict.placeholder(float),
         "min_lr": 1e-6,
         "clip_grad_norm": 0.0,
     })

@@ -106,6 +106,22 @@ def test_runlocal_writes_results_csv_overlays_and_a_reusable_checkpoint(bench, t
     assert again["start_step"] == again["final_step"]
 
 
+def test_scratch_layer_decay_applies_without_an_init_only(bench, tmp_path):
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
+    scratch = registry.create(local_config(bench, optimizer__scratch_layer_decay=1.0))
+    scratch.prepare(mesh, "")
+    assert scratch.decay == 1.0
+    scratch.close()
+    pre = str(tmp_path / "pretrain")
+    run(pretrain_config.get_config("demo,runlocal"), pre)
+    config = local_config(bench, optimizer__scratch_layer_decay=1.0, init=pre)
+    config.model.depth = None  # the architecture comes from the init
+    pretrained = registry.create(config)
+    pretrained.prepare(mesh, "")
+    assert pretrained.decay == 0.65  # the width's default: the init's blocks are shielded
+    pretrained.close()
+
+
 def test_the_label_budget_keeps_each_image_with_its_own_mask(bench):
     from usf_mae_jax.trainers import segment
 

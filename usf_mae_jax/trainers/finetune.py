@@ -111,11 +111,8 @@ class FinetuneTask(ClassificationTask):
     def prepare(self, mesh, workdir: str) -> None:
         super().prepare(mesh, workdir)
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: self._new_model(0)))
-        self.decay = initialization.layer_decay_for(self.config.optimizer, self.init.model_config)
-        scratch_decay = self.config.optimizer.get("scratch_layer_decay")
-        if self.init.params is None and scratch_decay is not None:
-            # Layer decay shields pretrained lower blocks; a random encoder has nothing to shield.
-            self.decay = float(scratch_decay)
+        self.decay = initialization.layer_decay_for(self.config.optimizer, self.init.model_config,
+                                                    pretrained=self.init.params is not None)
         train = self.data.splits["train"]
         self.class_weights = (downstream.class_loss_weights(train.labels, self.num_classes)
                               if self.config.class_balance == "loss" else np.ones(self.num_classes, np.float32))

@@ -90,8 +90,14 @@ def init_provenance(path: str | None) -> dict:
     return record
 
 
-def layer_decay_for(opt_cfg: Any, model_config: vit.ModelConfig) -> float:
-    """The configured layer decay, or the reference's value for the model size (0.65 B, 0.75 L/H)."""
+def layer_decay_for(opt_cfg: Any, model_config: vit.ModelConfig, pretrained: bool = True) -> float:
+    """The configured layer decay, or the reference's value for the model size (0.65 B, 0.75 L/H).
+
+    Without a pretrained encoder, `optimizer.scratch_layer_decay` wins when set: layer decay shields
+    pretrained lower blocks, and a random encoder has nothing to shield.
+    """
+    if not pretrained and opt_cfg.get("scratch_layer_decay") is not None:
+        return float(opt_cfg.scratch_layer_decay)
     if opt_cfg.get("layer_decay") is not None:
         return float(opt_cfg.layer_decay)
     return 0.65 if model_config.width <= 768 else 0.75

@@ -126,7 +126,8 @@ class SegmentTask(BenchmarkTask):
         self.prepare_benchmark(mesh, data)
         self.num_classes = len(data.mask_class_names)
         self.class_weights = parse_class_weights(config.loss.class_weights, self.num_classes)
-        self.decay = initialization.layer_decay_for(config.optimizer, self.init.model_config)
+        self.decay = initialization.layer_decay_for(config.optimizer, self.init.model_config,
+                                                    pretrained=self.init.params is not None)
         self.graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: self._new_model(0)), nnx.Param, nnx.BatchStat)
         graphdef, in_chans = self.graphdef, self.init.model_config.in_chans
 
