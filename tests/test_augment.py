@@ -105,5 +105,5 @@ def _advance(seed):
 def test_unknown_preset_and_bad_size():
     with pytest.raises(ValueError, match="unknown augmentation preset 'simclr'"):
         augment.make_augment("simclr", 32)
-    with pytest.raises(ValueError, match="needs images of 32x32"):
+    with pytest.raises(ValueError, match=r"feeds frames unchanged to a 32x32 model, but got 30x32 frames"):
         augment.make_augment("none", 32)(_noise((30, 32, 1)), np.random.default_rng(0))

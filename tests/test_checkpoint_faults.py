@@ -22,18 +22,21 @@ from helpers import assert_trees_equal
 from usf_mae_jax.core import checkpoint
 
 TOY = os.path.join(ROOT, "tests", "toy_task.py")
+# 40 steps, so that the checkpoint every ckpt_steps=4 is also the one per tenth of the run the loop guarantees:
+# the steps saved are 4, 8, 12, ... as the faults below expect.
+LONG = {"total_steps": 40}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reference") / "run")
-    return toy_task.run(workdir)
+    return toy_task.run(workdir, **LONG)
 
 
 def crashed_after_step_8(workdir: str) -> None:
     """A run that crashed during step 11, leaving checkpoints 4 and 8."""
     with pytest.raises(RuntimeError, match="simulated crash"):
-        toy_task.run(workdir, fail_after_batches=10)
+        toy_task.run(workdir, fail_after_batches=10, **LONG)
     assert checkpoint.workdir_steps(workdir) == [4, 8]
 
 
@@ -59,8 +62,8 @@ def truncate_an_array_file(step_dir: str) -> None:
 def resume_in_a_new_process(workdir: str) -> tuple[dict, list[str]]:
     """Runs the toy in a fresh interpreter (nothing cached from the writing process); (summary, stderr lines)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE_DIR}
-    proc = subprocess.run([sys.executable, TOY, workdir], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, TOY, workdir, json.dumps(LONG)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr.splitlines()
 
@@ -73,11 +76,11 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(referenc
     resumed, log_lines = resume_in_a_new_process(workdir)
     warnings = [line for line in log_lines if "moved aside" in line]
     assert len(warnings) == 1 and "checkpoint step 8" in warnings[0], log_lines[-20:]
-    assert resumed["start_step"] == 4 and resumed["final_step"] == 12
+    assert resumed["start_step"] == 4 and resumed["final_step"] == 40
     assert resumed["results"] == reference["results"]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "8.corrupt-0"))
-    again = toy_task.run(workdir)  # finished: no loop, no second warning, no error
-    assert again["start_step"] == 12 and again["results"] == reference["results"]
+    again = toy_task.run(workdir, **LONG)  # finished: no loop, no second warning, no error
+    assert again["start_step"] == 40 and again["results"] == reference["results"]
 
 
 class _FullDisk:
@@ -100,13 +103,13 @@ def test_a_failed_save_stops_the_run_naming_the_step_and_keeps_older_checkpoints
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fail_step_8)
     workdir = str(tmp_path / "run")
     with pytest.raises(checkpoint.CheckpointSaveError) as raised:
-        toy_task.run(workdir, seconds_per_batch=0.05)
+        toy_task.run(workdir, seconds_per_batch=0.05, **LONG)
     message = str(raised.value)
     assert "saving the checkpoint of step 8" in message and "No space left on device" in message
     assert "\n" not in message and "older checkpoints are intact" in message
     assert checkpoint.workdir_steps(workdir) == [4]
     monkeypatch.undo()
-    resumed = toy_task.run(workdir)
+    resumed = toy_task.run(workdir, **LONG)
     assert resumed["start_step"] == 4
     assert_trees_equal(toy_task.params_of(resumed), toy_task.params_of(reference))
 

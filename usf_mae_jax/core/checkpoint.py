@@ -332,7 +332,11 @@ def _superseded(workdir: str, step: int) -> bool:
 def _read_step_params(workdir: str, step: int) -> dict:
     step_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
     item = "best" if os.path.isdir(os.path.join(step_dir, "best")) else "state"
-    manager = _read_only_manager(workdir)
+    try:
+        # Opening the manager lists the steps, so a live run's keep-N deleting one meanwhile surfaces here too.
+        manager = _read_only_manager(workdir)
+    except Exception as err:
+        raise CheckpointError(f"{workdir}: checkpoint step {step} cannot be read ({_describe_error(err)})") from err
     try:
         host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         tree = manager.item_metadata(step)[item]

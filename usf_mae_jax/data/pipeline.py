@@ -309,7 +309,10 @@ def _check_unchanged_frames_fit(datasets: list[DatasetInfo], readers: list[shard
     one-line ConfigError saying what to set, raised before the step compiles (a record of another size met
     later stops the run with the same advice, from `augment.identity`)."""
     for info, reader in zip(datasets, readers):
-        header = records.decode_header(reader[0])
+        try:
+            header = records.decode_header(reader[0])
+        except (shards.UnreadableRecordError, records.CorruptRecordError):
+            continue  # a damaged first record is the corrupt-record budget's business (batching.py)
         if (header["height"], header["width"]) != (img_size, img_size):
             raise ConfigError(augment.identity_size_advice(img_size, header["height"], header["width"],
                                                            f"{info.folder} holds"))
