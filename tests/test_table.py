@@ -56,7 +56,8 @@ def test_classification_rows_share_budgets_and_architecture_and_resume(setup):
     assert abs(low - full / 2) <= 1
     with open(os.path.join(out, "runs", "ridge_probe", "50pct", "fold1_seed0.json")) as f:
         ridge = json.load(f)
-    assert ridge["l2"] in table.RIDGE_GRID and ridge["n_train"] == low
+    assert ridge["l2"] in table.RIDGE_GRID and ridge["pool"] in table.PROBE_POOLS and ridge["n_train"] == low
+    assert 0.0 <= ridge["validation_f1_macro"] <= 1.0
     with open(os.path.join(out, "table.md")) as f:
         markdown = f.read()
     assert "| vit_pretrained |" in markdown and "f1_macro @ 50%" in markdown

@@ -13,8 +13,8 @@ preset argument, so the table and a user's own runs share their recipe. Rows (RO
     from `--init`, with the init's architecture in both (trainers/crossval.py sweeps; a finished run is kept);
   * `linear_probe` (classification): configs/finetune.py's `mode=linear` on the frozen pretrained encoder;
   * `ridge_probe` (classification): the closed-form ridge probe of evaluators/probes.py on the pretrained
-    encoder's features (`--probe_pool`: `blocks`, every block's mean patch token averaged, by default; `mean`,
-    `cls`), its L2 strength chosen on the validation split (RIDGE_GRID);
+    encoder's features, the feature (`--probe_pool auto`: every block's mean patch token averaged, `blocks`, or
+    the final feature, `mean`) and the L2 strength (RIDGE_GRID) chosen together on the validation split;
   * `pixels_logreg`, `small_cnn`, `small_unet`, `otsu`: study/baselines.py, the models a user would pick
     instead, with the same `label_fraction`, seed, image size, epochs and batch size as the ViT rows.
 
@@ -47,6 +47,7 @@ ROWS = {"classification": ("vit_scratch", "vit_pretrained", "linear_probe", "rid
 HEADLINES = {"classification": ("f1_macro", "accuracy", "auc"), "segmentation": ("dice", "iou", "hd95")}
 ARCHITECTURE = ("patch_size", "width", "depth", "heads", "mlp_ratio", "in_chans")
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # l2 per training example (evaluators/probes.py's scaling)
+PROBE_POOLS = ("blocks", "mean")  # the ridge probe's candidate features with probe_pool="auto" (embed.py's pools)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Settings:
     low_epochs: float
     img_size: int
     batch_size: int
-    probe_pool: str = "blocks"
+    probe_pool: str = "auto"
     torch_threads: int = 1  # the torch baselines' CPU threads (study/baselines.py: 1 on a shared CPU)
 
     def epochs_for(self, budget: float) -> float:
@@ -165,32 +166,37 @@ def run_ridge(settings: Settings, budget: float, out: str) -> list[dict]:
 
 
 def ridge_probe(settings: Settings, fold: Any, seed: int, budget: float) -> dict[str, Any]:
-    """Features of the pretrained encoder (`probe_pool`); L2 chosen by validation macro-F1; scored on test once."""
+    """The ridge probe of the pretrained encoder: its feature (`probe_pool`, or with `auto` the best of PROBE_POOLS)
+    and L2 strength chosen by validation macro-F1 together; scored on test once."""
     from usf_mae_jax import embed
     from usf_mae_jax.data import augment, downstream
     from usf_mae_jax.evaluators import metrics, probes
 
     config = load_task_config(settings.config)
     data = downstream.load_benchmark(settings.data_dir, config.dataset, fold, config.get("subset"))
-    train = downstream.label_subset(data.splits["train"], budget, seed)
-    encode, model_config, _ = embed.build_encoder(settings.init, settings.img_size, settings.probe_pool)
-    resize = augment.make_augment("eval", model_config.img_size)
-
-    def features(split: downstream.SplitData) -> np.ndarray:
-        images = np.stack([resize(augment.set_channels(image, model_config.in_chans), None) for image in split.images])
-        return np.concatenate([encode(images[i:i + 128]) for i in range(0, len(images), 128)])
-
-    fit, validation, test = features(train), features(data.splits["validation"]), features(data.splits["test"])
+    splits = {"train": downstream.label_subset(data.splits["train"], budget, seed),
+              "validation": data.splits["validation"], "test": data.splits["test"]}
     num_classes = len(data.class_names)
+    candidates = []
+    for pool in PROBE_POOLS if settings.probe_pool == "auto" else (settings.probe_pool,):
+        encode, model_config, _ = embed.build_encoder(settings.init, settings.img_size, pool)
+        resize = augment.make_augment("eval", model_config.img_size)
 
-    def f1(l2: float, x: np.ndarray, labels: np.ndarray) -> float:
-        return probes.scores(labels, probes.ridge_predict(fit, train.labels, x, num_classes, l2))["f1_macro"]
+        def features(split: downstream.SplitData, encode=encode, resize=resize, channels=model_config.in_chans):
+            images = np.stack([resize(augment.set_channels(image, channels), None) for image in split.images])
+            return np.concatenate([encode(images[i:i + 128]) for i in range(0, len(images), 128)])
 
-    l2 = max(RIDGE_GRID, key=lambda value: (f1(value, validation, data.splits["validation"].labels), value))
-    predicted = probes.ridge_predict(fit, train.labels, test, num_classes, l2)
-    results = metrics.classification_results(data.splits["test"].labels, np.eye(num_classes)[predicted],
+        x = {name: features(split) for name, split in splits.items()}
+        for l2 in RIDGE_GRID:
+            predicted = probes.ridge_predict(x["train"], splits["train"].labels, x["validation"], num_classes, l2)
+            score = probes.scores(splits["validation"].labels, predicted)["f1_macro"]
+            candidates.append((score, l2, pool, x))
+    score, l2, pool, x = max(candidates, key=lambda c: (c[0], c[1]))  # ties: the stronger regularisation
+    predicted = probes.ridge_predict(x["train"], splits["train"].labels, x["test"], num_classes, l2)
+    results = metrics.classification_results(splits["test"].labels, np.eye(num_classes)[predicted],
                                              data.class_names, data.split_name("test"))
-    return {**{k: results[k] for k in metrics.RESULT_KEYS}, "l2": l2, "n_train": len(train)}
+    return {**{k: results[k] for k in metrics.RESULT_KEYS}, "l2": l2, "pool": pool, "validation_f1_macro": score,
+            "n_train": len(splits["train"])}
 
 
 def run_baseline(settings: Settings, model: str, budget: float, out: str) -> list[dict]:
@@ -315,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rows", default="", help="comma-separated rows (default: all of the task's kind)")
-    parser.add_argument("--probe_pool", default="blocks", choices=("blocks", "mean", "cls"),
-                        help="the ridge probe's feature (usf_mae_jax/embed.py's pools)")
+    parser.add_argument("--probe_pool", default="auto", choices=("auto", "blocks", "mean", "cls"),
+                        help="the ridge probe's feature (usf_mae_jax/embed.py's pools); auto: the better of "
+                             "blocks and mean on validation, chosen with the L2 strength")
     parser.add_argument("--torch_threads", type=int, default=1,
                         help="CPU threads of the torch baselines (0: torch's default; 1 suits a shared CPU)")
     parser.add_argument("-v", "--verbose", action="store_true")
