@@ -106,6 +106,14 @@ def test_runlocal_writes_results_csv_overlays_and_a_reusable_checkpoint(bench, t
     assert again["start_step"] == again["final_step"]
 
 
+def test_small_data_recipe():
+    small, reference = segment_config.get_config("busi,recipe=small_data"), segment_config.get_config("busi")
+    assert (small.optimizer.lr, small.optimizer.scratch_layer_decay) == (5e-4, 1.0)
+    assert (reference.optimizer.lr, reference.optimizer.scratch_layer_decay) == (None, None)
+    with pytest.raises(ValueError, match="unknown recipe 'x'"):
+        segment_config.get_config("busi,recipe=x")
+
+
 def test_scratch_layer_decay_applies_without_an_init_only(bench, tmp_path):
     mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
     scratch = registry.create(local_config(bench, optimizer__scratch_layer_decay=1.0))
