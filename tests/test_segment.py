@@ -131,17 +131,15 @@ def test_scratch_layer_decay_applies_without_an_init_only(bench, tmp_path):
 
 
 def test_the_label_budget_keeps_each_image_with_its_own_mask(bench):
-    from usf_mae_jax.trainers import segment
-
     train = segdata.load_segmentation(bench, "busbra", 1, classes="binary").splits["train"]
-    budget = segment.label_subset(train, 0.3, seed=4)
+    budget = segdata.label_subset(train, 0.3, seed=4)
     assert len(budget.ids) < len(train.ids) and len(budget.masks) == len(budget.ids)
     assert set(np.unique(budget.labels)) == set(np.unique(train.labels))  # every class keeps some images
     for record_id, image, mask in zip(budget.ids, budget.images, budget.masks):
         row = train.ids.index(record_id)
         assert image is train.images[row] and mask is train.masks[row]
-    assert segment.label_subset(train, 0.3, seed=4).ids == budget.ids != segment.label_subset(train, 0.3, 5).ids
-    assert segment.label_subset(train, 1.0, seed=4) is train
+    assert segdata.label_subset(train, 0.3, seed=4).ids == budget.ids != segdata.label_subset(train, 0.3, 5).ids
+    assert segdata.label_subset(train, 1.0, seed=4) is train
 
 
 @pytest.fixture(scope="module")

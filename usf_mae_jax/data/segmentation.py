@@ -63,6 +63,16 @@ class MaskedSplit(downstream.SplitData):
                            self.masks[start:stop])
 
 
+def label_subset(split: MaskedSplit, fraction: float, seed: int) -> MaskedSplit:
+    """A label budget of a segmentation split: the images `downstream.label_subset` keeps (stratified by the
+    image's class label, seeded), each with its own mask; `fraction` 1 returns the split unchanged."""
+    chosen = downstream.label_subset(split, fraction, seed)
+    if chosen is split:
+        return split
+    row = {record_id: i for i, record_id in enumerate(split.ids)}
+    return MaskedSplit(split.name, chosen.images, chosen.labels, chosen.ids, [split.masks[row[i]] for i in chosen.ids])
+
+
 @dataclasses.dataclass
 class SegmentationData(downstream.BenchmarkData):
     """A benchmark's splits with masks; `mask_class_names` starts with the background."""

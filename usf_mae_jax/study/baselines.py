@@ -84,13 +84,10 @@ def import_torch(model: str):
 
 
 def _budget(split: downstream.SplitData, fraction: float, seed: int) -> downstream.SplitData:
-    """`downstream.label_subset`'s draw; a MaskedSplit keeps the masks of the records drawn."""
-    chosen = downstream.label_subset(split, fraction, seed)
-    if chosen is split or not isinstance(split, segdata.MaskedSplit):
-        return chosen
-    position = {record: i for i, record in enumerate(split.ids)}
-    return segdata.MaskedSplit(chosen.name, chosen.images, chosen.labels, chosen.ids,
-                               [split.masks[position[record]] for record in chosen.ids])
+    """The tasks' label-budget draw; a MaskedSplit keeps the masks of the records drawn."""
+    if isinstance(split, segdata.MaskedSplit):
+        return segdata.label_subset(split, fraction, seed)
+    return downstream.label_subset(split, fraction, seed)
 
 
 def _eval_images(split: downstream.SplitData, size: int, pool: ThreadPoolExecutor) -> np.ndarray:

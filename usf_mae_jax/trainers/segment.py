@@ -51,17 +51,6 @@ from usf_mae_jax.trainers.downstream import BenchmarkTask
 
 log = logging.getLogger(__name__)
 
-
-def label_subset(split: segdata.MaskedSplit, fraction: float, seed: int) -> segdata.MaskedSplit:
-    """A label budget of a segmentation training split: the images `downstream.label_subset` keeps (stratified
-    by the image's class label, seeded), each with its mask; `fraction` 1 returns the split unchanged."""
-    chosen = downstream.label_subset(split, fraction, seed)
-    if chosen is split:
-        return split
-    row = {record_id: i for i, record_id in enumerate(split.ids)}
-    return segdata.MaskedSplit(split.name, chosen.images, chosen.labels, chosen.ids,
-                               [split.masks[row[i]] for i in chosen.ids])
-
 MODEL_STREAM = 0  # step-key stream of drop path and head dropout
 DICE_SMOOTH = 1.0
 OVERLAY_COUNT = 16
@@ -118,8 +107,8 @@ class SegmentTask(BenchmarkTask):
         config = self.config
         data = segdata.load_segmentation(config.input.data_dir, config.dataset, config.fold, config.subset,
                                          config.classes)
-        data.splits["train"] = label_subset(data.splits["train"], float(config.get("label_fraction", 1.0)),
-                                            int(config.seed))
+        data.splits["train"] = segdata.label_subset(data.splits["train"], float(config.get("label_fraction", 1.0)),
+                                                    int(config.seed))
         if not any(mask.any() for mask in data.splits["validation"].masks):
             raise DataError(f"{data.version_dir}: no validation mask of fold {config.fold} has a foreground "
                             "pixel, so validation Dice, which selects the tested state, is undefined")
